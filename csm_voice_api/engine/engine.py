@@ -1,0 +1,332 @@
+"""AsyncEngine: the asyncio front of one batched engine, shared by every route.
+
+One thread owns the device. Each turn of its loop is: take commands, schedule, run, update
+(vLLM's core step). Requests talk to it through a command inbox and answer through their own
+asyncio queues; closing a request's iterator aborts it, freeing its row within one frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..errors import EngineDead, Overloaded
+from .runner import ModelRunner
+from .scheduler import Planner, PrefillPiece, Request, Scheduler, Status
+from .types import AudioChunk, Conversation, Sampling, Segment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "auto"  # "auto" | "demo" | Hugging Face repo id | local directory
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
+    max_batch: int = 0  # rows (generating or warm sessions); 0: 64 on cuda, 8 on cpu
+    voice_cache_size: int = 32  # voice prompts whose KV stays on the device (LRU)
+    cuda_graphs: bool = True  # CSM_NO_CUDA_GRAPH=1 also turns them off
+    prefill_chunk: int = 256  # prompt rows per prefill call while other rows are decoding
+    mimi: str | None = None  # Mimi weights file; None: resolved with the model
+    max_waiting: int = 256  # queued requests before new ones are refused (429)
+
+
+class VoiceKVCache:
+    """Device copies of voice prompts' KV, least recently used dropped first."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def get(self, key: str) -> torch.Tensor:
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def put(self, key: str, kv: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        self._items[key] = kv
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _resolve(config: EngineConfig) -> tuple[torch.device, torch.dtype, int]:
+    dev = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(dev)
+    if config.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                 "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[config.dtype]
+    max_batch = config.max_batch or (64 if device.type == "cuda" else 8)
+    return device, dtype, max_batch
+
+
+class AsyncEngine:
+    def __init__(self, loaded: Any, codec: Any, config: EngineConfig):
+        from .prompt import segment_rows
+
+        self.config = config
+        self.device, self.dtype, self.max_batch = _resolve(config)
+        self.loaded = loaded
+        self.model_name: str = loaded.name
+        self.is_demo: bool = loaded.is_demo
+        self.demo_reason: str | None = getattr(loaded, "demo_reason", None)
+        self.tokenizer = loaded.tokenizer
+        self.prompt_clips: list[Path] = list(getattr(loaded, "prompt_clips", []) or [])
+        self.codec = codec
+        self.codec_vocab = 2048
+        model = loaded.model.to(self.device, self.dtype).eval()
+        self.runner = ModelRunner(model, self.max_batch, self.device, self.dtype, config.cuda_graphs)
+        self.num_codebooks = model.args.num_codebooks
+        self.voice_kv = VoiceKVCache(config.voice_cache_size)
+        K = self.num_codebooks
+        planner = Planner(lambda seg: segment_rows(seg, self.tokenizer, K), self.runner.max_pos,
+                          lambda key: key in self.voice_kv)
+        self.scheduler = Scheduler(planner, self.max_batch, config.prefill_chunk, config.max_waiting)
+        self.healthy = True
+        self.failure: BaseException | None = None
+        self._inbox: deque[tuple] = deque()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._ids = itertools.count()
+        self.frames_total = 0
+        self.steps_total = 0
+        self.started_at = time.time()
+        self.on_step: Callable[[int, int], None] | None = None  # (rows, frames) hook for metrics
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def load(cls, config: EngineConfig) -> AsyncEngine:
+        """Load model and codec (slow: call from a thread at start-up)."""
+        from ..audio.codec import MimiCodec
+        from .weights import load_model
+
+        device, dtype, _ = _resolve(config)
+        loaded = load_model(config.model, device=device, dtype=dtype)
+        mimi = Path(config.mimi) if config.mimi else loaded.mimi_weights
+        codec = MimiCodec.load(mimi, device=device, tiny=loaded.is_demo and mimi is None)
+        return cls(loaded, codec, config)
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        await asyncio.to_thread(self.runner.capture_all)
+        self._thread = threading.Thread(target=self._loop, name="csm-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+
+    # ---- public API ------------------------------------------------------------------------
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {
+            "active": sum(1 for r in s.running.values() if not r.status.is_finished),
+            "slots": self.max_batch,
+            "free_slots": len(s.free),
+            "warm": len(s.owners),
+            "queued": len(s.waiting) + sum(1 for c in self._inbox if c[0] == "add"),
+            "frames_total": self.frames_total,
+            "steps_total": self.steps_total,
+            "voice_cache": len(self.voice_kv),
+        }
+
+    def max_prompt_frames(self) -> int:
+        """Reference-audio frames that leave room for a few turns of text and 20 s of speech."""
+        return max(16, self.runner.max_pos - 250 - 64 - 20_000 // 80)
+
+    async def encode(self, pcm: np.ndarray) -> torch.Tensor:
+        return await self._call(self.codec.encode, pcm)
+
+    async def generate(self, conversation: Conversation, text: str, *, speaker: int | None = None,
+                       sampling: Sampling = Sampling(), chunk_frames: int = 2,
+                       request_id: str | None = None) -> AsyncIterator[AudioChunk]:
+        self._check_alive()
+        if self.stats()["queued"] >= self.config.max_waiting:
+            raise Overloaded("The engine is at capacity; retry shortly.", retry_after=1.0)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[AudioChunk | BaseException] = asyncio.Queue()
+
+        def sink(item: AudioChunk | BaseException) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
+        req = Request(
+            id=request_id or f"req-{uuid.uuid4().hex[:12]}", conversation=conversation, text=text,
+            speaker=conversation.voice.speaker if speaker is None else speaker, sampling=sampling,
+            seed=seed, chunk_frames=max(1, chunk_frames), sink=sink,
+        )
+        self._send("add", req)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.done:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:  # the consumer went away (disconnect, cancel): stop the GPU work
+                self.abort(req.id)
+
+    def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    def release(self, conversation: Conversation) -> None:
+        self._send("release", conversation)
+
+    # ---- plumbing --------------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        if not self.healthy:
+            raise EngineDead(f"The speech engine stopped: {self.failure!r}. Restart the server.")
+
+    def _send(self, *cmd: Any) -> None:
+        self._inbox.append(cmd)
+        self._wake.set()
+
+    async def _call(self, fn: Callable, *args: Any) -> Any:
+        """Run fn on the engine thread (it owns the device) and await its result."""
+        self._check_alive()
+        if self._thread is None:  # not started (tests, CLI before start): run inline
+            return fn(*args)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def done(result: Any, exc: BaseException | None) -> None:
+            if not fut.done():
+                fut.set_exception(exc) if exc else fut.set_result(result)
+
+        self._send("call", fn, args, lambda r, e: loop.call_soon_threadsafe(done, r, e))
+        return await fut
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            cmd = self._inbox.popleft()
+            kind = cmd[0]
+            if kind == "add":
+                try:
+                    self.scheduler.add(cmd[1])
+                except Overloaded as exc:
+                    cmd[1].sink(exc)
+            elif kind == "abort":
+                req = self.scheduler.abort(cmd[1])
+                if req is not None and req.slot is not None:
+                    self.runner.park_row(req.slot)
+            elif kind == "release":
+                self.scheduler.release(cmd[1])
+            elif kind == "call":
+                _, fn, args, reply = cmd
+                try:
+                    reply(fn(*args), None)
+                except Exception as exc:  # noqa: BLE001 - returned to the caller
+                    reply(None, exc)
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode(), self.codec.streaming(self.max_batch) as decoder:
+                self._decoder = decoder
+                while not self._stopping:
+                    self._drain_inbox()
+                    if not self._tick():
+                        self._wake.wait(0.05)
+                        self._wake.clear()
+        except BaseException as exc:  # noqa: BLE001 - fatal: report, fail everything, go red
+            log.exception("engine loop died")
+            self.failure, self.healthy = exc, False
+            dead = EngineDead(f"The speech engine stopped: {exc!r}. Restart the server.")
+            self.scheduler.fail_all(dead)
+            while self._inbox:
+                cmd = self._inbox.popleft()
+                if cmd[0] == "add":
+                    cmd[1].sink(dead)
+                elif cmd[0] == "call":
+                    cmd[3](None, dead)
+
+    def _tick(self) -> bool:
+        """One engine step: admit, prefill (a chunk, or all when nothing decodes), start rows, decode."""
+        s, r = self.scheduler, self.runner
+        s.admit()
+        decoding = s.decode_rows() > 0
+        did = False
+        while (work := s.next_prefill()) is not None:
+            self._prefill(*work)
+            did = True
+            if decoding:
+                break  # one chunk per frame keeps running streams on their deadline
+        for req in s.ready_to_start():
+            self._start(req)
+        for slot in s.to_close:
+            r.close_row(slot)
+        s.to_close.clear()
+        rows = s.decode_rows()
+        if rows:
+            self._decode(r.bucket_for(rows))
+            did = True
+        return did
+
+    def _prefill(self, req: Request, piece: PrefillPiece) -> None:
+        if piece.voice_key is not None:
+            self.runner.write_kv(req.slot, self.voice_kv.get(piece.voice_key))
+            return
+        self.runner.prefill(req.slot, piece.tokens, piece.mask, piece.start)
+        if piece.store_voice_key is not None:
+            self.voice_kv.put(piece.store_voice_key, self.runner.read_kv(req.slot, piece.start + len(piece.tokens)))
+
+    def _start(self, req: Request) -> None:
+        tok, msk = req.last_row
+        p = req.sampling
+        self.runner.start_row(req.slot, tok, msk, req.start_pos, p.temperature, p.topk, p.top_p, req.seed)
+        rows = torch.zeros(self.max_batch, dtype=torch.bool, device=self.device)
+        rows[req.slot] = True
+        self._decoder.reset(rows)
+        req.status = Status.RUNNING
+
+    def _decode(self, bucket: int) -> None:
+        r = self.runner
+        codes, audible = r.step(bucket)
+        r.audible[bucket:] = False
+        # CSM's vocab (2051) has ids past Mimi's 2048 entries; trained weights never emit them
+        # in speech, random ones do. The model keeps its own codes; only the codec sees a clamp.
+        pcm = self._decoder.step(r.out.clamp(max=self.codec_vocab - 1), r.audible)
+        codes_h = codes.cpu().numpy()
+        audible_h = audible.cpu().numpy()
+        pcm_h = pcm[:bucket].cpu().numpy()
+        done = self.scheduler.update(codes_h, audible_h, pcm_h)
+        for req in done:
+            r.park_row(req.slot)
+        frames = int(audible_h.sum())
+        self.frames_total += frames
+        self.steps_total += 1
+        if self.on_step is not None:
+            self.on_step(bucket, frames)

@@ -1,0 +1,165 @@
+"""ModelRunner: owns the device, the slot caches and the captured decode graphs.
+
+A slot is a row of the static caches. Rows [0, bucket) run in every decode step; rows that are
+not generating point at a spare cache position (`parked`) so their writes touch nothing that is
+ever read, and a warm session's history in its row stays intact. All per-row inputs live in
+static tensors the graphs read, so the host only edits rows between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor
+
+from .model import CSM
+from .sampler import SamplingTensors, sample
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def graphs_disabled() -> bool:
+    return os.environ.get("CSM_NO_CUDA_GRAPH", "") not in ("", "0")
+
+
+class ModelRunner:
+    def __init__(self, model: CSM, max_batch: int, device: torch.device, dtype: torch.dtype, use_graphs: bool = True):
+        self.model = model
+        self.device, self.dtype = device, dtype
+        self.max_batch = max_batch
+        self.K = model.args.num_codebooks
+        self.max_pos = model.args.backbone.max_seq_len  # usable positions per row
+        self.parked = self.max_pos  # the spare position parked rows write to
+        self.cache = model.backbone_cache(max_batch, dtype, device)  # [L, 2, MB, Hkv, S+1, hd]
+        self.dcache = model.decoder_cache(max_batch, dtype, device)
+        MB, C = max_batch, self.K + 1
+        self.tokens = torch.zeros(MB, C, dtype=torch.long, device=device)
+        self.mask = torch.zeros(MB, C, dtype=torch.bool, device=device)
+        self.pos = torch.full((MB,), self.parked, dtype=torch.long, device=device)
+        self.active = torch.zeros(MB, dtype=torch.bool, device=device)
+        self.finished = torch.zeros(MB, dtype=torch.bool, device=device)
+        self.sampling = SamplingTensors.allocate(MB, device)
+        self.out = torch.zeros(MB, self.K, dtype=torch.long, device=device)
+        self.audible = torch.zeros(MB, dtype=torch.bool, device=device)  # rows whose frame is speech
+        self.buckets = tuple(b for b in BUCKETS if b < max_batch) + (max_batch,)
+        self.use_graphs = use_graphs and device.type == "cuda" and not graphs_disabled()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    # ---- rows ------------------------------------------------------------------------------
+    def bucket_for(self, rows_needed: int) -> int:
+        return next(b for b in self.buckets if b >= rows_needed)
+
+    @torch.inference_mode()
+    def start_row(self, slot: int, last_row: Tensor, last_mask: Tensor, pos: int, temperature: float,
+                  topk: int, top_p: float, seed: int) -> None:
+        """Make `slot` generate: its next input is the prompt's last row, at position `pos`."""
+        self.tokens[slot].copy_(last_row)
+        self.mask[slot].copy_(last_mask)
+        self.pos[slot] = pos
+        self.active[slot] = True
+        self.finished[slot] = False
+        s = self.sampling
+        s.temperature[slot], s.topk[slot], s.top_p[slot] = temperature, topk, top_p
+        s.seed[slot], s.step[slot] = seed, 0
+
+    @torch.inference_mode()
+    def close_row(self, slot: int) -> None:
+        """Feed the all-zero EOS frame next and stop advancing: used when a row hits its length limit."""
+        self.tokens[slot].zero_()
+        self.mask[slot, : self.K] = True
+        self.mask[slot, self.K] = False
+        self.finished[slot] = True
+
+    @torch.inference_mode()
+    def park_row(self, slot: int) -> None:
+        self.active[slot] = False
+        self.pos[slot] = self.parked
+
+    # ---- KV --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: Tensor, mask: Tensor, start: int) -> None:
+        """Write the KV of rows tokens/mask [T, K+1] at positions [start, start+T) of `slot`."""
+        T = tokens.shape[0]
+        assert start + T <= self.max_pos, "caller must enforce the context window"
+        pos = torch.arange(start, start + T, device=self.device)[None]
+        self.model.prefill(tokens[None].to(self.device), mask[None].to(self.device), pos,
+                           self.cache[:, :, slot : slot + 1])
+
+    @torch.inference_mode()
+    def read_kv(self, slot: int, length: int) -> Tensor:
+        return self.cache[:, :, slot, :, :length].clone()  # [L, 2, Hkv, P, hd]
+
+    @torch.inference_mode()
+    def write_kv(self, slot: int, kv: Tensor) -> None:
+        self.cache[:, :, slot, :, : kv.shape[-2]].copy_(kv)
+
+    # ---- the decode step -------------------------------------------------------------------
+    def _step(self, B: int) -> None:
+        K = self.K
+        p = self.sampling.rows(B)
+        codes = self.model.frame(
+            self.tokens[:B], self.mask[:B], self.pos[:B], self.cache[:, :, :B], self.dcache[:, :, :B],
+            lambda logits, i: sample(logits, p, i),
+        )
+        active, was_finished = self.active[:B], self.finished[:B]
+        adv = active & ~was_finished
+        eos = (codes == 0).all(-1)
+        self.out[:B].copy_(codes)
+        self.audible[:B].copy_(adv & ~eos)
+        # Feed each advancing row its own frame next; a finished row keeps re-feeding the EOS
+        # frame at the same position, which rewrites identical KV (idempotent) until parked.
+        self.tokens[:B, :K].copy_(torch.where(adv[:, None], codes, self.tokens[:B, :K]))
+        self.tokens[:B, K].masked_fill_(adv, 0)
+        self.mask[:B, :K] |= adv[:, None]
+        self.mask[:B, K] &= ~adv
+        self.pos[:B] += adv.long()
+        p.step.add_(adv.long())
+        self.finished[:B] |= adv & eos
+
+    @torch.inference_mode()
+    def step(self, bucket: int) -> tuple[Tensor, Tensor]:
+        """Run one frame for rows [0, bucket). Returns device views (codes [B, K], audible [B])."""
+        if self.use_graphs:
+            graph = self.graphs.get(bucket) or self._capture(bucket)
+            graph.replay()
+        else:
+            self._step(bucket)
+        return self.out[:bucket], self.audible[:bucket]
+
+    def _capture(self, bucket: int) -> torch.cuda.CUDAGraph:
+        # Capturing runs the step once on garbage: save and restore every buffer it mutates.
+        # Live rows get garbage KV at and after their next position: harmless, since each position
+        # is rewritten by the real step before anything attends to it.
+        saved = [t.clone() for t in (self.tokens, self.mask, self.pos, self.finished, self.sampling.step)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (allocator, cuBLAS handles)
+                self._step(bucket)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool()):
+            self._step(bucket)
+        for t, s in zip((self.tokens, self.mask, self.pos, self.finished, self.sampling.step), saved):
+            t.copy_(s)
+        torch.cuda.synchronize()
+        self.graphs[bucket] = graph
+        log.info("captured decode graph for batch %d", bucket)
+        return graph
+
+    def _pool(self):
+        if not hasattr(self, "_graph_pool"):
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return self._graph_pool
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every bucket up front (at start-up, while no row is live) so no request pays for it."""
+        if self.use_graphs:
+            for b in self.buckets:
+                if b not in self.graphs:
+                    self._capture(b)
