@@ -1,0 +1,129 @@
+"""One speech request: text phrases spoken as consecutive turns of one Conversation, encoded as they come."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from csm_voice_api.api import metrics
+from csm_voice_api.audio.dsp import tempo
+from csm_voice_api.audio.encode import make_encoder
+from csm_voice_api.engine.types import FRAME_MS, FRAME_SAMPLES, Conversation, Sampling, VoicePrompt
+
+if TYPE_CHECKING:
+    from csm_voice_api.engine.engine import AsyncEngine
+
+# Phrases of a long input: long enough for natural prosody, short enough that each turn plus the
+# previous one fit the model's window.
+PHRASE_MIN_CHARS = 120
+PHRASE_MAX_CHARS = 300
+# With a speed change, pcm is time-stretched in blocks at least this long: the stretch needs some
+# context to sound clean, and block edges are where artefacts could appear.
+TEMPO_BLOCK_SAMPLES = 12 * FRAME_SAMPLES
+
+
+def split_text(text: str) -> list[str]:
+    """Sentence-sized phrases of `text`, in order, none empty."""
+    from csm_voice_api.sessions.segmenter import PhraseSegmenter
+
+    seg = PhraseSegmenter(min_chars=PHRASE_MIN_CHARS, max_chars=PHRASE_MAX_CHARS, idle_flush_s=None)
+    return seg.push(text, final=True) or [text]
+
+
+class SpeechJob:
+    """Generates and encodes one response. `run()` yields encoded bytes; iterate it once.
+
+    Closing the iterator (client gone) closes the engine's generator, which aborts the GPU work.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        voice: VoicePrompt,
+        phrases: list[str],
+        *,
+        sampling: Sampling,
+        fmt: str,
+        speed: float = 1.0,
+        chunk_frames: int = 2,
+        started: float | None = None,
+    ):
+        self.engine = engine
+        self.conversation = Conversation(voice)
+        self.phrases = phrases
+        self.sampling = sampling
+        self.fmt = fmt
+        self.speed = speed
+        self.chunk_frames = chunk_frames
+        self.started = time.perf_counter() if started is None else started
+        self.frames = 0
+        self.input_tokens = sum(len(engine.tokenizer.encode_turn(voice.speaker, p)) for p in phrases)
+        self.stop_reason: str | None = None
+
+    async def run(self) -> AsyncIterator[bytes]:
+        encoder = make_encoder(self.fmt)
+        stretch = _Tempo(self.speed)
+        try:
+            async with aclosing(self._pcm()) as pcms:
+                async for pcm in pcms:
+                    out = encoder.write(stretch.write(pcm))
+                    if out:
+                        yield out
+            out = encoder.write(stretch.flush()) + encoder.flush()
+            if out:
+                yield out
+        finally:
+            close = getattr(encoder, "close", None)
+            if close is not None:
+                close()
+            self.engine.release(self.conversation)
+
+    async def _pcm(self) -> AsyncIterator[np.ndarray]:
+        budget_ms = self.sampling.max_audio_ms
+        for i, phrase in enumerate(self.phrases):
+            if budget_ms < FRAME_MS:
+                self.stop_reason = "max_length"
+                return
+            seed = None if self.sampling.seed is None else self.sampling.seed + i
+            sampling = replace(self.sampling, max_audio_ms=budget_ms, seed=seed)
+            gen = self.engine.generate(self.conversation, phrase, sampling=sampling, chunk_frames=self.chunk_frames)
+            async with aclosing(gen) as chunks:
+                async for chunk in chunks:
+                    if chunk.frames:
+                        if self.frames == 0:
+                            metrics.TTFA.labels(route="speech").observe(time.perf_counter() - self.started)
+                        self.frames += chunk.frames
+                        budget_ms -= chunk.frames * FRAME_MS
+                        yield chunk.pcm
+                    if chunk.done:
+                        self.stop_reason = chunk.stop_reason
+
+
+class _Tempo:
+    """Streams pcm through `tempo()` in blocks; speed 1.0 passes chunks straight through."""
+
+    def __init__(self, speed: float):
+        self.speed = speed
+        self._buf: list[np.ndarray] = []
+        self._n = 0
+
+    def write(self, pcm: np.ndarray) -> np.ndarray:
+        if self.speed == 1.0:
+            return pcm
+        self._buf.append(pcm)
+        self._n += len(pcm)
+        if self._n < TEMPO_BLOCK_SAMPLES:
+            return np.zeros(0, dtype=np.float32)
+        return self.flush()
+
+    def flush(self) -> np.ndarray:
+        if self.speed == 1.0 or not self._n:
+            return np.zeros(0, dtype=np.float32)
+        block = np.concatenate(self._buf)
+        self._buf, self._n = [], 0
+        return tempo(block, self.speed).astype(np.float32, copy=False)

@@ -1,0 +1,95 @@
+"""build_app: the one place that constructs the engine and wires shared objects onto app.state."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, FastAPI
+
+from csm_voice_api.api import errors, metrics
+from csm_voice_api.api.audio_files import OutputStore
+from csm_voice_api.api.deps import require_api_key
+from csm_voice_api.config import Settings
+
+if TYPE_CHECKING:
+    from csm_voice_api.engine.engine import AsyncEngine
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# ROUTERS: each entry is a module exposing `router`. Adding a feature's routes is one line here.
+# Order matters where paths overlap: /v1/audio/voices must come before /v1/audio/{filename}.
+PUBLIC_ROUTERS = (
+    "csm_voice_api.api.health",  # /health /ready /metrics (no auth)
+)
+API_ROUTERS = (  # behind CSM_API_KEYS when set
+    "csm_voice_api.api.speech",  # /v1/audio/speech, /v1/models, /v1/audio/voices ...
+    # "csm_voice_api.api.sessions",  <- session routes go here
+    "csm_voice_api.api.audio_files",  # /v1/audio/{filename}: keep last (catch-all under /v1/audio)
+)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_app(
+    settings: Settings | None = None,
+    engine: AsyncEngine | None = None,
+    *,
+    on_engine: Callable[[AsyncEngine], None] | None = None,
+) -> FastAPI:
+    """The ASGI app. Loads and owns an engine from `settings` unless one (already started) is given.
+
+    `on_engine` is called once the engine is up (the CLI prints its demo-model banner there).
+    """
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = engine is None
+        eng = engine if engine is not None else await _start_engine(settings)
+        app.state.engine = eng
+        app.state.outputs = OutputStore(settings.outputs_dir, settings.retention())
+        metrics.bind_engine(eng)
+        if on_engine is not None:
+            on_engine(eng)
+        # Sessions and the voice store are wired here too (app.state.sessions / app.state.voices).
+        try:
+            yield
+        finally:
+            metrics.bind_engine(None)
+            if owned:
+                await eng.shutdown()
+
+    app = FastAPI(title="csm-voice-api", version=_version(), lifespan=lifespan)
+    app.state.settings = settings
+    app.state.limits = settings.limits()
+    errors.install(app)
+    for name in PUBLIC_ROUTERS:
+        app.include_router(importlib.import_module(name).router)
+    for name in API_ROUTERS:
+        app.include_router(importlib.import_module(name).router, dependencies=[Depends(require_api_key)])
+    app.add_middleware(errors.BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+async def _start_engine(settings: Settings) -> AsyncEngine:
+    from csm_voice_api.engine.engine import AsyncEngine
+
+    # Loading reads gigabytes and builds the model: keep the event loop free meanwhile.
+    eng = await asyncio.to_thread(AsyncEngine.load, settings.engine_config())
+    await eng.start()
+    log.info("engine ready: model=%s device=%s demo=%s", eng.model_name, eng.device, eng.is_demo)
+    return eng
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("csm-voice-api")
+    except PackageNotFoundError:
+        return "0.0.0"

@@ -1,0 +1,170 @@
+"""Console entry point `csm-voice-api`: serve, say, verify-watermark."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import textwrap
+import wave
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from csm_voice_api.config import Settings
+
+if TYPE_CHECKING:
+    from csm_voice_api.engine.engine import AsyncEngine
+
+_WIDTH = 76
+
+
+def demo_banner(engine: AsyncEngine) -> str:
+    """A boxed warning that the demo model is loaded and the audio is noise."""
+    reason = engine.demo_reason or "the model was set to 'demo'"
+    lines = [
+        "!!! DEMO MODEL: THE AUDIO THIS SERVER MAKES IS RANDOM NOISE !!!",
+        "",
+        "No CSM-1B weights were loaded, so a tiny randomly initialised model is",
+        "answering. Every route works and every length is real, but nothing is speech.",
+        "",
+        f"Why: {reason}",
+        "(sesame/csm-1b is a gated Hugging Face repo: it needs an accepted licence,",
+        "an HF_TOKEN and network access, or a local copy of the weights.)",
+        "",
+        "To get the real model:",
+        "  1. accept the licence at https://huggingface.co/sesame/csm-1b",
+        "  2. export HF_TOKEN=hf_...   (a token of that account), then restart; or",
+        "  3. --model /path/to/local/csm-1b   (a directory with the downloaded weights)",
+    ]
+    wrapped = [w for line in lines for w in (textwrap.wrap(line, _WIDTH - 4) or [""])]
+    bar = "#" * _WIDTH
+    return "\n".join([bar, *(f"# {w:<{_WIDTH - 4}} #" for w in wrapped), bar])
+
+
+def _announce(engine: AsyncEngine) -> None:
+    if engine.is_demo:
+        print(demo_banner(engine), file=sys.stderr, flush=True)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    # Only flags actually given override the environment / .env.
+    given = {k: getattr(args, k) for k in ("model", "host", "port", "device", "dtype") if getattr(args, k, None) is not None}
+    return Settings(**given)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from csm_voice_api.app import build_app
+
+    settings = _settings(args)
+    app = build_app(settings, on_engine=_announce)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    return 0
+
+
+def _say(args: argparse.Namespace) -> int:
+    from csm_voice_api.engine.engine import AsyncEngine
+
+    settings = _settings(args)
+    engine = AsyncEngine.load(settings.engine_config())
+    _announce(engine)
+    pcm, frames = asyncio.run(_speak(engine, settings, args))
+    _write_wav(Path(args.output), pcm)
+    print(f"wrote {args.output}: {frames} frames, {len(pcm) / 24000:.2f} s", file=sys.stderr)
+    return 0
+
+
+async def _speak(engine: AsyncEngine, settings: Settings, args: argparse.Namespace) -> tuple[np.ndarray, int]:
+    from tqdm import tqdm
+
+    from csm_voice_api.api.speech_job import split_text
+    from csm_voice_api.api.voice_resolver import BUILTIN_VOICES
+    from csm_voice_api.engine.types import FRAME_MS, Conversation, VoicePrompt
+
+    if args.voice not in BUILTIN_VOICES:
+        raise SystemExit(f"unknown voice {args.voice!r}; use one of {', '.join(BUILTIN_VOICES)}")
+    conv = Conversation(VoicePrompt(segments=(), speaker=BUILTIN_VOICES.index(args.voice)))
+    sampling = replace(settings.sampling(), seed=args.seed, max_audio_ms=args.max_ms)
+    parts: list[np.ndarray] = []
+    await engine.start()
+    try:
+        with tqdm(total=sampling.max_frames, unit="frame", desc="generating", file=sys.stderr) as bar:
+            for phrase in split_text(args.text):
+                left = sampling.max_audio_ms - bar.n * FRAME_MS
+                if left < FRAME_MS:
+                    break
+                turn = replace(sampling, max_audio_ms=left)
+                async for chunk in engine.generate(conv, phrase, sampling=turn, chunk_frames=settings.chunk_frames):
+                    parts.append(chunk.pcm)
+                    bar.update(chunk.frames)
+            frames = bar.n
+    finally:
+        engine.release(conv)
+        await engine.shutdown()
+    pcm = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+    return pcm, frames
+
+
+def _write_wav(path: Path, pcm: np.ndarray) -> None:
+    pcm16 = (np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(24000)
+        w.writeframes(pcm16.tobytes())
+
+
+def _verify_watermark(args: argparse.Namespace) -> int:
+    try:
+        from csm_voice_api.audio.watermark import verify_file
+    except ImportError:
+        print("watermark verification is not available in this build", file=sys.stderr)
+        return 2
+    result: Any = verify_file(args.file)
+    print(json.dumps(result, default=str) if not isinstance(result, str) else result)
+    return 0 if result else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="csm-voice-api", description="Real-time voice-cloning speech server on CSM-1B.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def engine_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", help="auto | sesame/csm-1b | <local dir> | demo (env CSM_MODEL)")
+        sp.add_argument("--device", help="auto | cuda | cuda:N | cpu (env CSM_DEVICE)")
+        sp.add_argument("--dtype", help="auto | bfloat16 | float16 | float32 (env CSM_DTYPE)")
+
+    serve = sub.add_parser("serve", help="run the HTTP/WebSocket server")
+    engine_flags(serve)
+    serve.add_argument("--host", help="bind address (env CSM_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (env CSM_PORT, default 8000)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=_serve)
+
+    say = sub.add_parser("say", help="speak TEXT into a WAV file")
+    say.add_argument("text")
+    say.add_argument("-o", "--output", required=True, help="WAV file to write")
+    engine_flags(say)
+    say.add_argument("--voice", default="alloy", help="built-in voice name")
+    say.add_argument("--seed", type=int, default=None)
+    say.add_argument("--max-ms", type=int, default=30_000, help="most audio to generate, in ms")
+    say.set_defaults(func=_say)
+
+    verify = sub.add_parser("verify-watermark", help="check a file for the CSM watermark")
+    verify.add_argument("file")
+    verify.set_defaults(func=_verify_watermark)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

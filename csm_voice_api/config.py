@@ -1,0 +1,125 @@
+"""Settings read once at the edge (env `CSM_*`, `.env`), turned into frozen values handed inward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from csm_voice_api.engine.engine import EngineConfig
+    from csm_voice_api.engine.types import Sampling
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits the API enforces before any work reaches the engine."""
+
+    max_body_bytes: int
+    max_text_chars: int
+    max_reference_seconds: float
+    max_upload_bytes: int
+    max_output_ms: int
+
+
+@dataclass(frozen=True)
+class OutputRetention:
+    """How many generated files the store keeps, and for how long."""
+
+    max_files: int
+    max_age_s: float
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Env `CSM_<FIELD>` (e.g. CSM_PORT=9000) or a `.env` file."""
+
+    model_config = SettingsConfigDict(env_prefix="CSM_", env_file=".env", extra="ignore")
+
+    # Interface uvicorn binds; 0.0.0.0 exposes the server to the network.
+    host: str = "127.0.0.1"
+    # TCP port of the HTTP/WebSocket server.
+    port: int = Field(8000, ge=1, le=65535)
+    # "auto" (sesame/csm-1b if its weights load, else the demo model), "demo", an HF repo id or a local dir.
+    model: str = "auto"
+    # "auto" picks cuda when available, else cpu; or "cuda", "cuda:1", "cpu".
+    device: str = "auto"
+    # "auto" is bfloat16 on cuda and float32 on cpu; or "bfloat16", "float16", "float32".
+    dtype: str = "auto"
+    # Concurrent generating slots on the device; 0 lets the engine pick (64 on cuda, 8 on cpu).
+    max_batch: int = Field(0, ge=0)
+    # Warm voice prompts (KV state) kept on the device, least recently used evicted first.
+    voice_cache_size: int = Field(32, ge=0)
+    # Capture the decode step in CUDA graphs; turn off to debug (CSM_NO_CUDA_GRAPH=1 also does).
+    cuda_graphs: bool = True
+    # Root for stored voices and generated audio (outputs/ beneath it).
+    data_dir: Path = Path("data")
+    # Generated files kept in data_dir/outputs before the oldest are deleted.
+    output_retention_files: int = Field(256, ge=1)
+    # Age in seconds after which a generated file is deleted.
+    output_retention_seconds: float = Field(3600.0, gt=0)
+    # Bearer keys accepted on /v1 routes (comma separated); empty means no authentication.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Largest request body accepted, in bytes; larger bodies get 413 before they are read in full.
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # Longest `input` text accepted by /v1/audio/speech, in characters (OpenAI's limit is 4096).
+    max_text_chars: int = Field(4096, ge=1)
+    # Longest voice reference clip accepted, in seconds; longer clips are refused, not cut.
+    max_reference_seconds: float = Field(30.0, gt=0)
+    # Largest uploaded (decoded from base64 or multipart) audio file, in bytes.
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # Most audio one request may generate, in milliseconds.
+    max_output_ms: int = Field(90_000, ge=80)
+    # Frames (80 ms each) per streamed chunk: smaller is lower latency, larger is less overhead.
+    chunk_frames: int = Field(2, ge=1, le=64)
+    # Mark generated audio with an inaudible watermark (placeholder until audio/watermark.py lands).
+    watermark: bool = True
+    # Private watermark key; None uses the public default key.
+    watermark_key: str | None = None
+    # Default sampling temperature when a request gives none (<= 0 is greedy).
+    temperature: float = Field(0.9, ge=0.0, le=5.0)
+    # Default top-k when a request gives none.
+    topk: int = Field(50, ge=1)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        # Env values arrive as one string; a list in code stays a list.
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    def engine_config(self) -> EngineConfig:
+        from csm_voice_api.engine.engine import EngineConfig
+
+        return EngineConfig(
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            max_batch=self.max_batch,
+            voice_cache_size=self.voice_cache_size,
+            cuda_graphs=self.cuda_graphs,
+        )
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_body_bytes=self.max_body_bytes,
+            max_text_chars=self.max_text_chars,
+            max_reference_seconds=self.max_reference_seconds,
+            max_upload_bytes=self.max_upload_bytes,
+            max_output_ms=self.max_output_ms,
+        )
+
+    def retention(self) -> OutputRetention:
+        return OutputRetention(max_files=self.output_retention_files, max_age_s=self.output_retention_seconds)
+
+    def sampling(self) -> Sampling:
+        from csm_voice_api.engine.types import Sampling
+
+        return Sampling(temperature=self.temperature, topk=self.topk, max_audio_ms=self.max_output_ms)
