@@ -8,6 +8,7 @@ asyncio queues; closing a request's iterator aborts it, freeing its row within o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -42,6 +43,37 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt rows per prefill call while other rows are decoding
     mimi: str | None = None  # Mimi weights file; None: resolved with the model
     max_waiting: int = 256  # queued requests before new ones are refused (429)
+
+
+class CodecLanes:
+    """Streaming Mimi decoders over row ranges [0, 8), [8, 64), [64, 256), ...
+
+    One decoder over all rows would make a lone stream pay for every row's Mimi state; lanes
+    let a step decode only the ranges below its bucket, at most a few calls per frame.
+    """
+
+    EDGES = (8, 64, 256, 1024)
+
+    def __init__(self, codec: Any, max_batch: int, stack: contextlib.ExitStack):
+        edges = [0] + [e for e in self.EDGES if e < max_batch] + [max_batch]
+        self.lanes = [(a, b, stack.enter_context(codec.streaming(b - a))) for a, b in zip(edges, edges[1:])]
+        self.device = codec.device
+        self.pcm = torch.zeros(max_batch, 1920, device=codec.device)
+
+    def step(self, codes: torch.Tensor, audible: torch.Tensor, bucket: int) -> torch.Tensor:
+        """codes [MB, K], audible [MB] -> pcm [bucket, 1920]; rows past the bucket are untouched."""
+        for a, b, dec in self.lanes:
+            if a >= bucket:
+                break
+            self.pcm[a:b] = dec.step(codes[a:b], audible[a:b])
+        return self.pcm[:bucket]
+
+    def reset(self, slot: int) -> None:
+        for a, b, dec in self.lanes:
+            if a <= slot < b:
+                rows = torch.zeros(b - a, dtype=torch.bool, device=self.device)
+                rows[slot - a] = True
+                dec.reset(rows)
 
 
 class VoiceKVCache:
@@ -91,7 +123,7 @@ class AsyncEngine:
         self.loaded = loaded
         self.model_name: str = loaded.name
         self.is_demo: bool = loaded.is_demo
-        self.demo_reason: str | None = getattr(loaded, "demo_reason", None)
+        self.demo_reason: str | None = getattr(loaded, "reason", None)
         self.tokenizer = loaded.tokenizer
         self.prompt_clips: list[Path] = list(getattr(loaded, "prompt_clips", []) or [])
         self.codec = codec
@@ -254,8 +286,8 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         try:
-            with torch.inference_mode(), self.codec.streaming(self.max_batch) as decoder:
-                self._decoder = decoder
+            with torch.inference_mode(), contextlib.ExitStack() as stack:
+                self._lanes = CodecLanes(self.codec, self.max_batch, stack)
                 while not self._stopping:
                     self._drain_inbox()
                     if not self._tick():
@@ -307,9 +339,7 @@ class AsyncEngine:
         tok, msk = req.last_row
         p = req.sampling
         self.runner.start_row(req.slot, tok, msk, req.start_pos, p.temperature, p.topk, p.top_p, req.seed)
-        rows = torch.zeros(self.max_batch, dtype=torch.bool, device=self.device)
-        rows[req.slot] = True
-        self._decoder.reset(rows)
+        self._lanes.reset(req.slot)
         req.status = Status.RUNNING
 
     def _decode(self, bucket: int) -> None:
@@ -318,10 +348,10 @@ class AsyncEngine:
         r.audible[bucket:] = False
         # CSM's vocab (2051) has ids past Mimi's 2048 entries; trained weights never emit them
         # in speech, random ones do. The model keeps its own codes; only the codec sees a clamp.
-        pcm = self._decoder.step(r.out.clamp(max=self.codec_vocab - 1), r.audible)
+        pcm = self._lanes.step(r.out.clamp(max=self.codec_vocab - 1), r.audible, bucket)
         codes_h = codes.cpu().numpy()
         audible_h = audible.cpu().numpy()
-        pcm_h = pcm[:bucket].cpu().numpy()
+        pcm_h = pcm.cpu().numpy()
         done = self.scheduler.update(codes_h, audible_h, pcm_h)
         for req in done:
             r.park_row(req.slot)
