@@ -5,6 +5,10 @@ dir) before the row that names them is committed, and rows are deleted before th
 crash can therefore leave only files without a row, which `recover()` removes at the next open.
 File names carry the content checksum for codes, so replacing codes never rewrites a file that a
 committed row points at.
+
+Audio is 16-bit PCM WAV (stdlib `wave`): half the size of float32, playable and checkable with any
+tool, and its quantisation noise (-96 dB) is far below what Mimi's encoder resolves. Samples
+beyond [-1, 1] are clipped. Codes are int16 .npy (Mimi codebooks have 2048 entries).
 """
 
 from __future__ import annotations
@@ -146,7 +150,6 @@ class VoiceStore:
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
-    # -- reads ---------------------------------------------------------------------------------
 
     def get(self, id_or_name: str) -> Voice:
         """The voice with this id, else with this name (case-insensitive); raises VoiceNotFound."""
@@ -182,7 +185,6 @@ class VoiceStore:
         data = self._read_checked(voice, voice.codes_file, voice.codes_sha256)
         return np.load(io.BytesIO(data), allow_pickle=False).astype(np.int64)
 
-    # -- writes --------------------------------------------------------------------------------
 
     def create(
         self,
@@ -250,7 +252,6 @@ class VoiceStore:
             self._conn().execute("DELETE FROM voices WHERE id = ?", (voice_id,))
         self._remove_files([n for n in (voice.audio_file, voice.codes_file) if n is not None])
 
-    # -- recovery ------------------------------------------------------------------------------
 
     def recover(self) -> RecoveryReport:
         """Make rows and files agree: drop rows with missing/bad audio, clear missing/bad codes,
@@ -283,7 +284,6 @@ class VoiceStore:
             log.warning("voice store %s recovered: %s", self.data_dir, report)
         return report
 
-    # -- internals -----------------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
