@@ -29,7 +29,9 @@ PUBLIC_ROUTERS = (
 )
 API_ROUTERS = (  # behind CSM_API_KEYS when set
     "csm_voice_api.api.speech",  # /v1/audio/speech, /v1/models, /v1/audio/voices ...
-    # "csm_voice_api.api.sessions",  <- session routes go here
+    "csm_voice_api.api.sessions",  # /v1/streaming-session, /v1/stream-text (+ app.state.sessions)
+    "csm_voice_api.api.ws",  # WS /v1/ws/stream-text/{session_id}
+    "csm_voice_api.api.clone",  # /v1/voice-clone
     "csm_voice_api.api.audio_files",  # /v1/audio/{filename}: keep last (catch-all under /v1/audio)
 )
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 if TYPE_CHECKING:
     from csm_voice_api.engine.engine import EngineConfig
     from csm_voice_api.engine.types import Sampling
+    from csm_voice_api.sessions.manager import SessionConfig
 
 
 @dataclass(frozen=True)
@@ -123,3 +124,33 @@ class Settings(BaseSettings):
         from csm_voice_api.engine.types import Sampling
 
         return Sampling(temperature=self.temperature, topk=self.topk, max_audio_ms=self.max_output_ms)
+
+    # ---- Real-time sessions (/v1/streaming-session, /v1/ws/stream-text, /v1/stream-text) ----
+    # Owned by the sessions helper; read by csm_voice_api/api/sessions.py.
+    # Sessions open at once; opening another answers 429 until one closes or expires.
+    session_max: int = Field(32, ge=1)
+    # Idle seconds before a session's warm engine slot is released (it re-warms on its next text).
+    session_idle_ttl_s: float = Field(60.0, gt=0)
+    # Idle seconds, with no connection attached, before a session is closed and forgotten.
+    session_close_ttl_s: float = Field(1800.0, gt=0)
+    # Longest audio one phrase of a session may produce, in milliseconds.
+    session_phrase_max_ms: int = Field(20_000, ge=80)
+    # A phrase ends at punctuation once it holds this many characters...
+    session_min_chars: int = Field(20, ge=0)
+    # ...or at a word boundary before it would hold more than this many.
+    session_max_chars: int = Field(250, ge=1)
+    # Seconds without new text after which buffered text is spoken anyway; 0 turns this off.
+    session_idle_flush_s: float = Field(1.0, ge=0)
+
+    def session_config(self) -> SessionConfig:
+        from csm_voice_api.sessions.manager import SessionConfig
+
+        return SessionConfig(
+            max_sessions=self.session_max,
+            idle_ttl_s=self.session_idle_ttl_s,
+            close_ttl_s=self.session_close_ttl_s,
+            phrase_max_ms=min(self.session_phrase_max_ms, self.max_output_ms),
+            min_chars=self.session_min_chars,
+            max_chars=self.session_max_chars,
+            idle_flush_s=self.session_idle_flush_s or None,
+        )
