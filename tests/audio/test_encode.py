@@ -7,7 +7,7 @@ import av
 import numpy as np
 import pytest
 
-from csm_voice_api.audio.dsp import tempo, to_s16
+from csm_voice_api.audio.dsp import Tempo, tempo, to_s16
 from csm_voice_api.audio.encode import CONTENT_TYPES, FORMATS, make_encoder, wav_bytes
 
 from .media import tone
@@ -139,3 +139,15 @@ def test_tempo_bounds() -> None:
     for bad in (0.2, 4.5):
         with pytest.raises(ValueError, match="speed"):
             tempo(pcm, bad)
+
+
+@pytest.mark.parametrize("speed", [0.5, 1.0, 3.0])
+def test_streaming_tempo_equals_one_shot(speed: float) -> None:
+    pcm = tone(1.5, SR, freq=300.0)[0]
+    stream = Tempo(speed)
+    parts = [stream.write(pcm[i : i + CHUNK]) for i in range(0, len(pcm), CHUNK)]
+    parts.append(stream.flush())
+    assert sum(len(p) > 0 for p in parts[:-1]) >= len(parts) // 2  # output flows while writing
+    np.testing.assert_array_equal(np.concatenate(parts), tempo(pcm, speed))
+    with pytest.raises(ValueError, match="new Tempo"):
+        stream.write(pcm)
