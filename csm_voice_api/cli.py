@@ -8,9 +8,9 @@ import json
 import sys
 import textwrap
 import wave
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -120,14 +120,20 @@ def _write_wav(path: Path, pcm: np.ndarray) -> None:
 
 
 def _verify_watermark(args: argparse.Namespace) -> int:
-    try:
-        from csm_voice_api.audio.watermark import verify_file
-    except ImportError:
-        print("watermark verification is not available in this build", file=sys.stderr)
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"no such file: {path}", file=sys.stderr)
         return 2
-    result: Any = verify_file(args.file)
-    print(json.dumps(result, default=str) if not isinstance(result, str) else result)
-    return 0 if result else 1
+    try:
+        from csm_voice_api.audio.watermark import Watermarker, parse_key, verify_file
+
+        wm = Watermarker.load(key=parse_key(Settings().watermark_key))
+    except (ImportError, OSError, ValueError) as e:
+        print(f"cannot verify watermarks here: {e}", file=sys.stderr)
+        return 2
+    result = verify_file(path, wm)
+    print(json.dumps(asdict(result)))
+    return 0 if result.key_matches else 1
 
 
 def _parser() -> argparse.ArgumentParser:

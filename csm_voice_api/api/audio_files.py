@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
+from starlette.convertors import Convertor, register_url_convertor
 
 from csm_voice_api.api.models import CONTENT_TYPES, RESPONSE_FORMATS
 from csm_voice_api.config import OutputRetention
@@ -76,10 +77,23 @@ class OutputStore:
                 p.unlink(missing_ok=True)
 
 
+class _NameConvertor(Convertor[str]):
+    # Only stored-name shapes reach the route: other /v1/audio/* paths (GET /v1/audio/speech,
+    # "../x") fall through to 404/405 instead of being taken for file names.
+    regex = NAME_RE.pattern.strip("^$")
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("csm_audio_file", _NameConvertor())
 router = APIRouter()
 
 
-@router.get("/v1/audio/{filename}")
+@router.get("/v1/audio/{filename:csm_audio_file}")
 async def get_audio_file(filename: str, request: Request) -> FileResponse:
     store: OutputStore = request.app.state.outputs
     path = store.path(filename)

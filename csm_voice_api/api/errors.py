@@ -106,9 +106,9 @@ async def _engine_dead(_: Request, exc: Exception) -> JSONResponse:
 
 
 def _field(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    # FastAPI prefixes the source ("body", "query"); the client only knows the field path.
+    # loc is (source, field, then union-member tags and nested keys): name the request field only.
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or None
+    return parts[0] if parts else None
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

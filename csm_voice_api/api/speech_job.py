@@ -25,6 +25,14 @@ PHRASE_MAX_CHARS = 300
 # With a speed change, pcm is time-stretched in blocks at least this long: the stretch needs some
 # context to sound clean, and block edges are where artefacts could appear.
 TEMPO_BLOCK_SAMPLES = 12 * FRAME_SAMPLES
+# A turn that has not ended by itself after this long is babbling (CSM can run on past the text):
+# it is cut so it cannot eat the whole request's budget. Speech runs at ~15 characters a second.
+TURN_BASE_MS = 2_000
+TURN_MS_PER_CHAR = 250
+
+
+def turn_cap_ms(phrase: str) -> int:
+    return TURN_BASE_MS + TURN_MS_PER_CHAR * len(phrase)
 
 
 def split_text(text: str) -> list[str]:
@@ -90,7 +98,7 @@ class SpeechJob:
                 self.stop_reason = "max_length"
                 return
             seed = None if self.sampling.seed is None else self.sampling.seed + i
-            sampling = replace(self.sampling, max_audio_ms=budget_ms, seed=seed)
+            sampling = replace(self.sampling, max_audio_ms=min(budget_ms, turn_cap_ms(phrase)), seed=seed)
             gen = self.engine.generate(self.conversation, phrase, sampling=sampling, chunk_frames=self.chunk_frames)
             async with aclosing(gen) as chunks:
                 async for chunk in chunks:

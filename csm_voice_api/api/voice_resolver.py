@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from csm_voice_api.api.models import SpeechRequest
 from csm_voice_api.config import Limits
 from csm_voice_api.engine.types import FRAME_SAMPLES, SAMPLE_RATE, Segment, VoicePrompt
-from csm_voice_api.errors import InputTooLong, InvalidInput, VoiceNotFound
+from csm_voice_api.errors import CsmError, InputTooLong, InvalidInput, VoiceNotFound
 
 if TYPE_CHECKING:
     from csm_voice_api.engine.engine import AsyncEngine
@@ -74,6 +74,10 @@ async def _clone_prompt(request: SpeechRequest, ctx: VoiceContext) -> VoicePromp
         )
     max_s = min(ctx.limits.max_reference_seconds, ctx.engine.max_prompt_frames() * FRAME_SAMPLES / SAMPLE_RATE)
     # Longer clips are refused, not cut: the transcript would no longer match the audio.
-    pcm = decode_base64_audio(request.voice_sample, max_seconds=max_s)
+    try:
+        pcm = decode_base64_audio(request.voice_sample, max_seconds=max_s)
+    except CsmError as e:
+        e.param = "voice_sample"  # the decoder speaks of "file": name the field this request used
+        raise
     codes = await ctx.engine.encode(pcm)
     return VoicePrompt(segments=(Segment(speaker=0, text=transcript, codes=codes),), speaker=0)
