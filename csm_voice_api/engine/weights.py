@@ -66,17 +66,19 @@ def _rope_scaling(d: dict | None) -> RopeScaling | None:
 
 
 def _transformer_args(d: dict, defaults: TransformerArgs) -> TransformerArgs:
+    dim, n_heads = d.get("hidden_size", defaults.dim), d.get("num_attention_heads", defaults.n_heads)
+    head_dim = d.get("head_dim")
     return TransformerArgs(
         n_layers=d.get("num_hidden_layers", defaults.n_layers),
-        dim=d.get("hidden_size", defaults.dim),
-        n_heads=d.get("num_attention_heads", defaults.n_heads),
+        dim=dim,
+        n_heads=n_heads,
         n_kv_heads=d.get("num_key_value_heads") or d.get("num_attention_heads", defaults.n_kv_heads),
         intermediate_size=d.get("intermediate_size", defaults.intermediate_size),
         max_seq_len=d.get("max_position_embeddings", defaults.max_seq_len),
         norm_eps=d.get("rms_norm_eps", defaults.norm_eps),
         rope_theta=float(d.get("rope_theta", defaults.rope_theta)),
         rope_scaling=_rope_scaling(d.get("rope_scaling")),
-        head_dim=d.get("head_dim"),
+        head_dim=None if head_dim == dim // n_heads else head_dim,  # explicit only when it is not implied
     )
 
 

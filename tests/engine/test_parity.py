@@ -22,7 +22,7 @@ from csm_voice_api.engine.sampler import SamplingTensors, sample
 from csm_voice_api.engine.types import Segment
 from csm_voice_api.engine.weights import MIMI_FILE, LoadedModel, load_model
 
-from .conftest import AUDIO_VOCAB, K
+from .reference import AUDIO_VOCAB, K
 
 TOL = 1e-4
 
