@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -10,10 +12,21 @@ from csm_voice_api.audio.codec import FRAME_SAMPLES, MimiCodec
 K = 32
 
 
-@pytest.fixture(scope="module")
-def codec() -> MimiCodec:
-    torch.set_num_threads(1)
-    return MimiCodec.load(None, "cpu", tiny=True, seed=0)
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
+)
+
+
+@pytest.fixture(scope="module", params=["cpu", CUDA])
+def codec(request) -> Iterator[MimiCodec]:
+    """The tiny random Mimi; on CUDA its streaming steps also go through moshi's CUDA graphs."""
+    if request.param == "cpu":
+        torch.set_num_threads(1)
+    # TF32 would make streaming and offline differ by more than fp32 rounding
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield MimiCodec.load(None, request.param, tiny=True, seed=0)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def rand_codes(T: int, seed: int) -> torch.Tensor:
@@ -33,9 +46,9 @@ def stream_rows(codec: MimiCodec, schedule: list[tuple[torch.Tensor, torch.Tenso
             assert pcm.shape == (B, FRAME_SAMPLES) and pcm.dtype == torch.float32
             for b in range(B):
                 if active[b]:
-                    outs[b].append(pcm[b])
+                    outs[b].append(pcm[b].cpu())
                 else:
-                    assert torch.count_nonzero(pcm[b]) == 0
+                    assert int(torch.count_nonzero(pcm[b])) == 0
     return [torch.cat(o) if o else torch.empty(0) for o in outs]
 
 
@@ -124,7 +137,7 @@ def test_offline_calls_work_while_streaming(codec: MimiCodec) -> None:
         np.testing.assert_allclose(codec.decode(codes), expected)
         assert codec.encode(expected).shape == (K, 4)
         rest = [dec.step(codes[:, t][None], torch.tensor([True])) for t in range(1, 4)]
-    assert_close(torch.cat([first, *rest], 1)[0], torch.from_numpy(expected))
+    assert_close(torch.cat([first, *rest], 1)[0].cpu(), torch.from_numpy(expected))
 
 
 def test_bad_shapes_are_refused(codec: MimiCodec) -> None:
@@ -149,18 +162,21 @@ def test_missing_weights_file_names_the_path(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_full_size_random_mimi_round_trips_a_frame(tmp_path) -> None:
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_full_size_random_mimi_round_trips_a_frame(tmp_path, device: str) -> None:
     from safetensors.torch import save_file
 
-    codec = MimiCodec.load(None, "cpu", seed=0)
+    codec = MimiCodec.load(None, device, seed=0)
     assert sum(p.numel() for p in codec.model.parameters()) > 70_000_000
     codes = codec.encode(np.zeros(FRAME_SAMPLES, np.float32))
     assert codes.shape == (K, 1)
     pcm = codec.decode(codes)
     assert pcm.shape == (FRAME_SAMPLES,) and np.isfinite(pcm).all()
     with codec.streaming(1) as dec:
-        assert_close(dec.step(codes.T, torch.tensor([True]))[0], torch.from_numpy(pcm))
+        for _ in range(3):  # on CUDA: eager, then graph capture, then replay
+            assert_close(dec.step(codes.T, torch.tensor([True]))[0].cpu(), torch.from_numpy(pcm), atol=1e-4, rtol=1e-3)
+            dec.reset(torch.tensor([True]))
     # the weights path goes through moshi's own loader
     path = tmp_path / "mimi.safetensors"
     save_file({k: v.contiguous() for k, v in codec.model.state_dict().items()}, str(path))
-    np.testing.assert_array_equal(MimiCodec.load(path, "cpu").decode(codes), pcm)
+    np.testing.assert_array_equal(MimiCodec.load(path, device).decode(codes), pcm)
