@@ -53,6 +53,7 @@ class CodecLanes:
     """
 
     EDGES = (8, 64, 256, 1024)
+    CODEBOOK_SIZE = 2048
 
     def __init__(self, codec: Any, max_batch: int, stack: contextlib.ExitStack):
         edges = [0] + [e for e in self.EDGES if e < max_batch] + [max_batch]
@@ -62,6 +63,9 @@ class CodecLanes:
 
     def step(self, codes: torch.Tensor, audible: torch.Tensor, bucket: int) -> torch.Tensor:
         """codes [MB, K], audible [MB] -> pcm [bucket, 1920]; rows past the bucket are untouched."""
+        # CSM's vocab (2051) has ids past Mimi's 2048 entries; trained weights never emit them in
+        # speech, random ones do. The model keeps its own codes; only the codec sees a clamp.
+        codes = codes.clamp(max=self.CODEBOOK_SIZE - 1)
         for a, b, dec in self.lanes:
             if a >= bucket:
                 break
@@ -127,7 +131,6 @@ class AsyncEngine:
         self.tokenizer = loaded.tokenizer
         self.prompt_clips: list[Path] = list(getattr(loaded, "prompt_clips", []) or [])
         self.codec = codec
-        self.codec_vocab = 2048
         model = loaded.model.to(self.device, self.dtype).eval()
         self.runner = ModelRunner(model, self.max_batch, self.device, self.dtype, config.cuda_graphs)
         self.num_codebooks = model.args.num_codebooks
@@ -346,9 +349,7 @@ class AsyncEngine:
         r = self.runner
         codes, audible = r.step(bucket)
         r.audible[bucket:] = False
-        # CSM's vocab (2051) has ids past Mimi's 2048 entries; trained weights never emit them
-        # in speech, random ones do. The model keeps its own codes; only the codec sees a clamp.
-        pcm = self._lanes.step(r.out.clamp(max=self.codec_vocab - 1), r.audible, bucket)
+        pcm = self._lanes.step(r.out, r.audible, bucket)
         codes_h = codes.cpu().numpy()
         audible_h = audible.cpu().numpy()
         pcm_h = pcm.cpu().numpy()
