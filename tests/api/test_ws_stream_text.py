@@ -97,7 +97,7 @@ async def test_bad_frames_get_error_events_and_the_connection_stays_usable(live)
 
 
 async def test_cancel_stops_audio_and_drops_buffered_text(live, engine):
-    cap_frames = 100
+    cap_frames = 40
     sid = live.open_session(max_audio_length_ms=cap_frames * 80)
     async with connect(ws_url(live, sid)) as ws:
         await ws.send(json.dumps({"text_chunk": "This first phrase gets cut off. And this tail stays buffered"}))
@@ -126,7 +126,7 @@ async def test_cancel_stops_audio_and_drops_buffered_text(live, engine):
 
 
 async def test_disconnect_aborts_generation_and_the_session_lives_on(live, engine):
-    cap_frames = 100
+    cap_frames = 40
     sid = live.open_session(max_audio_length_ms=cap_frames * 80)
     async with connect(ws_url(live, sid)) as ws:
         await ws.send(json.dumps({"text_chunk": "A phrase nobody will hear the end of.", "flush": True}))
