@@ -1,0 +1,390 @@
+"""SilentCipher audio watermark (the one Sesame asks CSM-1B deployments to keep).
+
+Every audio the server returns goes through `Watermarker.apply` (whole responses) or a
+`StreamWatermarker` (streamed responses). `verify`/`verify_file` answer whether a file carries
+the key's watermark. The silentcipher package is used as shipped (its own networks, loader,
+encode_wav/decode_wav); only the 24 kHz <-> 44.1 kHz resampling and the stream chunking are ours.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
+import torch
+import torchaudio.functional as AF
+
+from csm_voice_api.engine.types import SAMPLE_RATE
+
+if TYPE_CHECKING:
+    from silentcipher.server import Model as SilentCipherModel
+
+# Public key from Sesame's csm repo: anyone can check for it, so it proves origin, not secrecy.
+CSM_1B_PUBLIC_KEY: tuple[int, ...] = (212, 211, 146, 56, 201)
+KEY_BYTES = 5  # silentcipher's 44.1k model carries 40 bits: five bytes
+WATERMARK_SR = 44_100
+MESSAGE_SDR_DB = 36.0  # Sesame's setting: stronger than the model's 47 dB default, still inaudible
+HF_REPO = "sony/silentcipher"
+CKPT_SUBDIR = "44_1_khz/73999_iteration"
+CKPT_FILES = ("hparams.yaml", "enc_c.ckpt", "dec_c.ckpt", "dec_m_0.ckpt")  # opt.ckpt not needed
+
+# hparams.yaml of sony/silentcipher 44_1_khz/73999_iteration, for networks built without it.
+HPARAMS_44K: dict[str, Any] = {
+    "model_type": "44.1k",
+    "SR": 44_100,
+    "N_FFT": 4096,
+    "HOP_LENGTH": 2048,
+    "message_band_size": 1024,
+    "message_dim": 5,
+    "message_len": 21,
+    "message_sdr": 47,
+    "n_messages": 1,
+    "enc_n_layers": 3,
+    "dec_c_n_layers": 4,
+    "ensure_negative_message": True,
+    "ensure_constrained_message": False,
+    "frame_level_normalization": False,
+    "utterance_level_normalization": True,
+    "no_normalization": False,
+}
+# One message repetition is message_len STFT hops at 44.1 kHz: 21 * 2048 / 44100 = 0.975 s.
+MESSAGE_PERIOD_S = HPARAMS_44K["message_len"] * HPARAMS_44K["HOP_LENGTH"] / WATERMARK_SR
+
+# silentcipher's STFT is a process-wide singleton whose encode path passes num_samples from
+# transform() to inverse() through an attribute: encodes must not overlap. Decoding touches
+# neither that attribute nor the encoder networks, so a long verify never holds up generated
+# audio; verifies queue among themselves to bound their memory.
+_ENCODE_LOCK = threading.Lock()
+_DECODE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class WatermarkResult:
+    """present: silentcipher decoded some message; key_matches: it is the configured key."""
+
+    present: bool
+    key_matches: bool
+    confidence: float | None  # silentcipher's agreement of the message repetitions, 0..1
+    message: tuple[int, ...] | None = None  # the decoded bytes, when present
+
+
+def parse_key(text: str | None) -> tuple[int, ...]:
+    """'212,211,146,56,201' (brackets and spaces allowed) -> key; empty or None -> public key."""
+    if text is None or not text.strip():
+        return CSM_1B_PUBLIC_KEY
+    parts = [p.strip() for p in text.strip().strip("[]()").split(",")]
+    try:
+        key = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"watermark key {text!r} is not {KEY_BYTES} comma-separated integers, e.g. '1,2,3,4,5'"
+        ) from None
+    check_key(key)
+    return key
+
+
+def check_key(key: tuple[int, ...]) -> None:
+    if len(key) != KEY_BYTES or any(not 0 <= b <= 255 for b in key):
+        raise ValueError(f"watermark key {list(key)} must be {KEY_BYTES} integers in 0..255")
+
+
+def _import_silentcipher() -> Any:
+    # pydub (imported by silentcipher.server) warns at import time when ffmpeg is missing; we
+    # never let silentcipher read files, so that warning is noise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import silentcipher
+        import silentcipher.server
+    return silentcipher
+
+
+def resolve_weights(weights_dir: Path | None = None) -> Path:
+    """The 44.1k checkpoint folder: under weights_dir, else from the HF cache or the hub."""
+    if weights_dir is not None:
+        for cand in (Path(weights_dir) / CKPT_SUBDIR, Path(weights_dir)):
+            if all((cand / f).is_file() for f in CKPT_FILES):
+                return cand
+        raise FileNotFoundError(
+            f"no silentcipher 44.1k checkpoint ({', '.join(CKPT_FILES)}) in {weights_dir} "
+            f"or {Path(weights_dir) / CKPT_SUBDIR}"
+        )
+    from huggingface_hub import snapshot_download
+
+    patterns = [f"{CKPT_SUBDIR}/{f}" for f in CKPT_FILES]
+    errors: list[str] = []
+    for local_only in (True, False):
+        try:
+            root = snapshot_download(HF_REPO, allow_patterns=patterns, local_files_only=local_only)
+        except Exception as e:  # noqa: BLE001 - offline or missing: try the next way, then report
+            errors.append(f"{type(e).__name__}: {e}")
+            continue
+        cand = Path(root) / CKPT_SUBDIR
+        if all((cand / f).is_file() for f in CKPT_FILES):
+            return cand
+    raise FileNotFoundError(
+        f"silentcipher weights ({HF_REPO}) are neither in the Hugging Face cache nor "
+        f"downloadable; download them once or point the watermark weights setting at a copy "
+        f"({'; '.join(errors)})"
+    )
+
+
+class Watermarker:
+    """Applies and checks one key's watermark with a silentcipher 44.1k model. Thread-safe."""
+
+    def __init__(self, model: SilentCipherModel, key: tuple[int, ...] = CSM_1B_PUBLIC_KEY):
+        check_key(tuple(key))
+        stft = model.stft
+        if stft.filter_length != model.config.N_FFT:
+            raise RuntimeError(
+                "silentcipher's STFT singleton was built for another model (n_fft "
+                f"{stft.filter_length} != {model.config.N_FFT}): use only the 44.1k model"
+            )
+        self.model = model
+        self.key = tuple(int(b) for b in key)
+
+    @classmethod
+    def load(
+        cls,
+        key: tuple[int, ...] = CSM_1B_PUBLIC_KEY,
+        device: str | torch.device = "cpu",
+        weights_dir: Path | None = None,
+    ) -> Watermarker:
+        """The real model, through silentcipher's own loader (get_model)."""
+        check_key(tuple(key))
+        ckpt = resolve_weights(weights_dir)
+        sc = _import_silentcipher()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)  # get_model leaves its yaml open
+            model = sc.get_model(
+                model_type="44.1k",
+                ckpt_path=str(ckpt),
+                config_path=str(ckpt / "hparams.yaml"),
+                device=str(device),
+            )
+        return cls(model, key)
+
+    @classmethod
+    def random(
+        cls,
+        key: tuple[int, ...] = CSM_1B_PUBLIC_KEY,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        decoder_channels: int = 128,
+        decoder_layers: int = 10,
+    ) -> Watermarker:
+        """silentcipher's real networks, randomly initialised: for tests and the demo model.
+
+        decoder_channels/decoder_layers shrink the message decoder (used by verify only) so that
+        tests can afford the phase-shift search on CPU; the defaults are the real sizes.
+        """
+        sc = _import_silentcipher()
+        from silentcipher.model import MsgDecoder
+
+        class _RandomModel(sc.server.Model):
+            def load_models(self, ckpt_dir: str) -> None:
+                pass  # keep the random initialisation
+
+        config = _namespace({**HPARAMS_44K, "load_ckpt": None})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _RandomModel(config, str(device))
+            if (decoder_channels, decoder_layers) != (128, 10):
+                model.dec_m = [
+                    MsgDecoder(
+                        message_dim=config.message_dim,
+                        message_band_size=config.message_band_size,
+                        channel_dim=decoder_channels,
+                        num_layers=decoder_layers,
+                    ).to(str(device))
+                    for _ in range(config.n_messages)
+                ]
+        return cls(model, key)
+
+    def apply(self, pcm: np.ndarray) -> np.ndarray:
+        """Watermarks mono float32 24 kHz PCM; same length and rate out. Silence passes through."""
+        pcm = np.asarray(pcm, dtype=np.float32)
+        if pcm.ndim != 1:
+            raise ValueError(f"apply() takes mono PCM [T], got shape {pcm.shape}")
+        if pcm.size == 0 or not np.any(pcm):
+            return pcm.copy()  # silentcipher skips silence too (and would print about it)
+        y44 = _resample(pcm, SAMPLE_RATE, WATERMARK_SR)
+        with _ENCODE_LOCK:
+            encoded, _ = self.model.encode_wav(
+                y44, WATERMARK_SR, list(self.key), message_sdr=MESSAGE_SDR_DB, calc_sdr=False
+            )
+        out = _resample(np.asarray(encoded, dtype=np.float32), WATERMARK_SR, SAMPLE_RATE)
+        return _fit(out, pcm.size)
+
+    def verify(
+        self, pcm: np.ndarray, sample_rate: int, *, phase_search_s: float | None = 3.0
+    ) -> WatermarkResult:
+        """Decodes the watermark of mono PCM at any rate and compares it with the key.
+
+        silentcipher first searches the STFT phase offset (205 decodes). phase_search_s bounds
+        that search to the opening seconds, which votes over as many messages as it holds (one
+        per 0.975 s) and keeps long files affordable; None searches the whole audio
+        (silentcipher's decode_wav as shipped), 0 skips the search (offset 0: right for audio
+        straight from apply(), not for audio cut or re-encoded since).
+        """
+        pcm = np.asarray(pcm, dtype=np.float32)
+        if pcm.ndim != 1:
+            raise ValueError(f"verify() takes mono PCM [T], got shape {pcm.shape}")
+        # decode_wav needs one whole message (message_len frames), and power > 0.
+        if pcm.size * WATERMARK_SR < self.min_verify_samples * sample_rate or not np.any(pcm):
+            return WatermarkResult(present=False, key_matches=False, confidence=None)
+        y44 = _resample(pcm, sample_rate, WATERMARK_SR) if sample_rate != WATERMARK_SR else pcm
+        with _DECODE_LOCK, torch.no_grad():
+            if phase_search_s is None:
+                res = self.model.decode_wav(y44, WATERMARK_SR, phase_shift_decoding=True)
+            else:
+                shift = self._phase_shift(y44, phase_search_s)
+                res = self.model.decode_wav(y44[shift:], WATERMARK_SR, phase_shift_decoding=False)
+        return self._result(res)
+
+    @property
+    def min_verify_samples(self) -> int:
+        # decode_wav votes over whole messages (message_len STFT frames): shorter audio, even
+        # after the phase search drops up to a hop, has none.
+        cfg = self.model.config
+        return int(cfg.message_len * cfg.HOP_LENGTH)
+
+    def _phase_shift(self, y44: np.ndarray, search_s: float) -> int:
+        if search_s <= 0:
+            return 0
+        n = max(int(search_s * WATERMARK_SR), self.min_verify_samples)
+        y = y44[:n].astype(np.float64)
+        y = y * np.sqrt(self.model.average_energy_VCTK / np.mean(y**2))  # as decode_wav does
+        return int(self.model.get_best_ps(y))
+
+    def _result(self, res: dict[str, Any]) -> WatermarkResult:
+        if not res.get("status") or not res.get("messages"):
+            return WatermarkResult(present=False, key_matches=False, confidence=None)
+        message = tuple(int(b) for b in res["messages"][0])
+        conf = res.get("confidences") or [None]
+        return WatermarkResult(
+            present=True,
+            key_matches=message == self.key,
+            confidence=None if conf[0] is None else float(conf[0]),
+            message=message,
+        )
+
+
+class StreamWatermarker:
+    """Watermarks a stream of 24 kHz PCM chunk by chunk: write(pcm) -> ready PCM, flush() -> rest.
+
+    Each chunk is watermarked on its own, so chunk edges sit on whole message periods (0.975 s
+    at 44.1 kHz, rounded to 24 kHz samples without drift): the message then repeats on one grid
+    across the whole stream, as in an offline encode, and the decoder's vote over repetitions
+    still agrees. min_chunk_s below one period trades compute for latency: each chunk is then
+    encoded together with the audio since the last period edge (look-behind) and only its new
+    part is emitted, keeping the grid. Output length always equals input length.
+    """
+
+    def __init__(self, wm: Watermarker, min_chunk_s: float | None = None):
+        self.wm = wm
+        self.period = MESSAGE_PERIOD_S * SAMPLE_RATE  # 23405.71 samples at 24 kHz
+        if min_chunk_s is None:
+            min_chunk_s = MESSAGE_PERIOD_S
+        if min_chunk_s <= 0:
+            raise ValueError("min_chunk_s must be > 0")
+        self.step = min_chunk_s * SAMPLE_RATE
+        self._buf = np.zeros(0, dtype=np.float32)  # raw PCM from _buf_start on
+        self._buf_start = 0  # absolute sample index of _buf[0] (a period edge)
+        self._emitted = 0  # absolute samples already returned
+        self._chunks = 0
+
+    def edge(self, j: int) -> int:
+        """Absolute end sample of chunk j-1 (start of chunk j)."""
+        return round(j * self.step)
+
+    def period_start(self, a: int) -> int:
+        """The last message-period edge at or before absolute sample a."""
+        k = math.floor(a / self.period)
+        while round(k * self.period) > a:
+            k -= 1
+        while round((k + 1) * self.period) <= a:
+            k += 1
+        return round(k * self.period)
+
+    def write(self, pcm: np.ndarray) -> np.ndarray:
+        self._buf = np.concatenate([self._buf, np.asarray(pcm, dtype=np.float32).reshape(-1)])
+        out = []
+        while self._buf_start + self._buf.size >= self.edge(self._chunks + 1):
+            out.append(self._emit(self.edge(self._chunks + 1)))
+            self._chunks += 1
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def flush(self) -> np.ndarray:
+        end = self._buf_start + self._buf.size
+        if end <= self._emitted:
+            return np.zeros(0, dtype=np.float32)
+        return self._emit(end)
+
+    def _emit(self, b: int) -> np.ndarray:
+        a = self._emitted
+        p = self.period_start(a)
+        window = self._buf[p - self._buf_start : b - self._buf_start]
+        out = self.wm.apply(window)[a - p :]
+        self._emitted = b
+        keep_from = self.period_start(b)  # the next window starts no earlier than this
+        self._buf = self._buf[keep_from - self._buf_start :]
+        self._buf_start = keep_from
+        return out
+
+
+def verify_file(
+    source: str | Path | BinaryIO,
+    watermarker: Watermarker,
+    *,
+    phase_search_s: float | None = 3.0,
+) -> WatermarkResult:
+    """Reads any audio PyAV decodes (mixed to mono) and checks it for the watermarker's key."""
+    pcm, sr = read_mono(source)
+    return watermarker.verify(pcm, sr, phase_search_s=phase_search_s)
+
+
+def read_mono(source: str | Path | BinaryIO) -> tuple[np.ndarray, int]:
+    """Decodes a whole audio file to mono float32 at its own sample rate."""
+    import av
+
+    from csm_voice_api.errors import UnsupportedMedia
+
+    src = str(source) if isinstance(source, Path) else source
+    try:
+        with av.open(src) as container:
+            stream = next(s for s in container.streams if s.type == "audio")
+            sr = int(stream.rate or stream.codec_context.sample_rate)
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
+            parts = [
+                out.to_ndarray().reshape(-1)
+                for frame in container.decode(stream)
+                for out in resampler.resample(frame)
+            ]
+            parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    except (av.FFmpegError, StopIteration, ValueError) as e:
+        raise UnsupportedMedia(f"could not decode the audio file: {e}", param="file") from e
+    pcm = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+    return pcm, sr
+
+
+def _resample(pcm: np.ndarray, src_sr: int, dst_sr: int) -> np.ndarray:
+    x = torch.from_numpy(np.ascontiguousarray(pcm, dtype=np.float32))
+    return AF.resample(x, src_sr, dst_sr).numpy()
+
+
+def _fit(x: np.ndarray, n: int) -> np.ndarray:
+    if x.size >= n:
+        return x[:n]
+    return np.pad(x, (0, n - x.size))
+
+
+def _namespace(d: dict[str, Any]) -> Any:
+    import argparse
+
+    return argparse.Namespace(**d)

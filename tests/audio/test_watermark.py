@@ -1,0 +1,295 @@
+"""SilentCipher watermark plumbing, on silentcipher's real code with randomly initialised networks.
+
+Random networks embed and decode *some* message, not the key: these tests check what the code
+around silentcipher guarantees (lengths, rates, strength bound, stream == offline, key logic,
+loading). Only the test at the end, skipped without the real weights, checks a real round trip.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+
+from csm_voice_api.audio import watermark as W
+from csm_voice_api.audio.watermark import (
+    CKPT_SUBDIR,
+    CSM_1B_PUBLIC_KEY,
+    StreamWatermarker,
+    Watermarker,
+    WatermarkResult,
+    parse_key,
+    verify_file,
+)
+from csm_voice_api.errors import UnsupportedMedia
+
+SR = 24_000
+
+
+def voice_like(seconds: float, seed: int = 0) -> np.ndarray:
+    """A harmonic tone with vibrato, syllable-rate envelope and a little noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    f0 = 140 + 15 * np.sin(2 * np.pi * 5 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / SR
+    x = sum(np.sin(k * phase) / k for k in range(1, 12))
+    env = 0.5 + 0.5 * np.abs(np.sin(2 * np.pi * 2.5 * t))
+    return (0.1 * env * x + 0.003 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def wm() -> Watermarker:
+    # Real-size encoder; the message decoder shrunk so the 205-shift phase search fits on CPU.
+    return Watermarker.random(seed=1, decoder_channels=4, decoder_layers=3)
+
+
+def rel_rms(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b**2)))
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def test_default_key_is_the_public_csm_key() -> None:
+    assert parse_key(None) == parse_key("  ") == CSM_1B_PUBLIC_KEY == (212, 211, 146, 56, 201)
+
+
+@pytest.mark.parametrize("text", ["1,2,3,4,5", " 1, 2 ,3,4, 5 ", "[1,2,3,4,5]"])
+def test_parse_private_key(text: str) -> None:
+    assert parse_key(text) == (1, 2, 3, 4, 5)
+
+
+@pytest.mark.parametrize("text", ["1,2,3,4", "1,2,3,4,5,6", "1,2,3,4,256", "-1,2,3,4,5", "a,b,c,d,e"])
+def test_bad_key_is_a_clear_error(text: str) -> None:
+    with pytest.raises(ValueError, match="watermark key"):
+        parse_key(text)
+
+
+def test_bad_key_rejected_by_constructor(wm: Watermarker) -> None:
+    with pytest.raises(ValueError, match="0..255"):
+        Watermarker(wm.model, key=(1, 2, 3, 4, 300))
+
+
+# --- apply ------------------------------------------------------------------------------------
+
+
+def test_apply_keeps_length_rate_and_changes_signal_slightly(wm: Watermarker) -> None:
+    x = voice_like(1.3)
+    y = wm.apply(x)
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert not np.array_equal(x, y)
+    # silentcipher scales the message to -36 dB of the carrier per frame, whatever the weights:
+    # a delay, a rate error or a level change would all show up as a far larger difference.
+    assert 1e-4 < rel_rms(y, x) < 0.1
+
+
+def test_apply_odd_lengths_and_silence(wm: Watermarker) -> None:
+    for n in (1, 7, 1919, 4097):
+        x = voice_like(n / SR + 0.01)[:n]
+        assert wm.apply(x).shape == (n,)
+    silence = np.zeros(5000, np.float32)
+    assert np.array_equal(wm.apply(silence), silence)
+    assert wm.apply(np.zeros(0, np.float32)).shape == (0,)
+    with pytest.raises(ValueError, match="mono"):
+        wm.apply(np.zeros((2, 100), np.float32))
+
+
+# --- verify -----------------------------------------------------------------------------------
+
+
+def test_verify_maps_silentcipher_results_to_the_key(wm: Watermarker) -> None:
+    key = CSM_1B_PUBLIC_KEY
+    ok = {"messages": [list(key)], "confidences": [0.9], "status": True}
+    assert wm._result(ok) == WatermarkResult(True, True, 0.9, key)
+    other = {"messages": [[1, 2, 3, 4, 5]], "confidences": [1.0], "status": True}
+    assert wm._result(other) == WatermarkResult(True, False, 1.0, (1, 2, 3, 4, 5))
+    assert Watermarker(wm.model, key=(1, 2, 3, 4, 5))._result(other).key_matches
+    failed = {"messages": [], "confidences": [], "error": "Could not find message", "status": False}
+    assert wm._result(failed) == WatermarkResult(False, False, None)
+
+
+def test_verify_is_silentcipher_decode_of_the_44k_audio(wm: Watermarker) -> None:
+    y = wm.apply(voice_like(1.2, seed=2))
+    y44 = W._resample(y, SR, 44_100)
+    decode = wm.model.decode_wav
+    want = wm._result(decode(y44, 44_100, phase_shift_decoding=False))
+    assert wm.verify(y, SR, phase_search_s=0) == want
+    assert wm.verify(y44, 44_100, phase_search_s=0) == want
+    # Unbounded search: silentcipher's decode_wav with its own phase search, as shipped.
+    res = wm.verify(y, SR, phase_search_s=None)
+    assert res == wm._result(decode(y44, 44_100, phase_shift_decoding=True))
+    assert res.present == (res.message is not None) == (res.confidence is not None)
+    assert res.key_matches == (res.message == wm.key)
+
+
+def test_bounded_phase_search_decodes_from_the_found_offset(
+    wm: Watermarker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    y = wm.apply(voice_like(2.5, seed=3))
+    y44 = W._resample(y, SR, 44_100)
+    seen: list[int] = []
+
+    def best_ps(audio: np.ndarray) -> int:
+        seen.append(audio.size)
+        return 30
+
+    monkeypatch.setattr(wm.model, "get_best_ps", best_ps)
+    res = wm.verify(y, SR, phase_search_s=1.5)
+    assert seen == [int(1.5 * 44_100)]
+    assert res == wm._result(wm.model.decode_wav(y44[30:], 44_100, phase_shift_decoding=False))
+
+
+def test_verify_too_short_or_silent_is_not_present(wm: Watermarker) -> None:
+    short = wm.apply(voice_like(0.95))  # under one message period (0.975 s)
+    for pcm in (short, np.zeros(3 * SR, np.float32), np.zeros(0, np.float32)):
+        res = wm.verify(pcm, SR)
+        assert res == WatermarkResult(present=False, key_matches=False, confidence=None)
+
+
+def test_verify_file_reads_audio_like_verify(wm: Watermarker, tmp_path: Path) -> None:
+    y = wm.apply(voice_like(1.2, seed=3))
+    path = tmp_path / "out.wav"
+    sf.write(path, np.stack([y, y], axis=1), SR, subtype="FLOAT")  # stereo: mixed to mono
+    want = wm.verify(y, SR, phase_search_s=0)
+    assert verify_file(path, wm, phase_search_s=0) == want
+    with open(path, "rb") as f:
+        assert verify_file(f, wm, phase_search_s=0) == want
+    with pytest.raises(UnsupportedMedia):
+        verify_file(io.BytesIO(b"this is not audio" * 100), wm)
+
+
+# --- streaming --------------------------------------------------------------------------------
+
+
+def feed(stream: StreamWatermarker, x: np.ndarray, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    outs, i = [], 0
+    while i < x.size:
+        n = int(rng.integers(1, 6000))
+        outs.append(stream.write(x[i : i + n]))
+        i += n
+    outs.append(stream.flush())
+    return [o for o in outs if o.size]
+
+
+def test_stream_equals_offline_apply_of_period_chunks(wm: Watermarker) -> None:
+    x = voice_like(2.3, seed=4)
+    stream = StreamWatermarker(wm)
+    got = feed(stream, x, seed=0)
+    out = np.concatenate(got)
+    assert out.shape == x.shape
+    # Chunk edges are whole message periods (23405.7 samples, rounded without drift).
+    edges = [0, 23406, 46811, x.size]
+    assert [stream.edge(j) for j in range(3)] == edges[:3]
+    want = np.concatenate([wm.apply(x[a:b]) for a, b in zip(edges, edges[1:])])
+    np.testing.assert_array_equal(out, want)
+    assert rel_rms(out, x) < 0.1
+
+
+def test_stream_short_chunks_look_behind_to_the_period_edge(wm: Watermarker) -> None:
+    x = voice_like(1.4, seed=5)
+    stream = StreamWatermarker(wm, min_chunk_s=0.3)
+    out = np.concatenate(feed(stream, x, seed=1))
+    assert out.shape == x.shape
+    edges = [stream.edge(j) for j in range(5)] + [x.size]
+    assert edges[:5] == [0, 7200, 14400, 21600, 28800]
+    want = []
+    for a, b in zip(edges, edges[1:]):
+        p = stream.period_start(a)  # 0 until the first period edge at 23406
+        want.append(wm.apply(x[p:b])[a - p :])
+    assert [stream.period_start(a) for a in edges[:5]] == [0, 0, 0, 0, 23406]
+    np.testing.assert_array_equal(out, np.concatenate(want))
+
+
+def test_stream_of_nothing_is_nothing(wm: Watermarker) -> None:
+    stream = StreamWatermarker(wm)
+    assert stream.write(np.zeros(0, np.float32)).size == 0
+    assert stream.flush().size == 0
+    with pytest.raises(ValueError):
+        StreamWatermarker(wm, min_chunk_s=0)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def write_checkpoint(model: object, folder: Path) -> Path:
+    """Lays out a model's networks as sony/silentcipher ships them."""
+    ckpt = folder / CKPT_SUBDIR
+    ckpt.mkdir(parents=True)
+    torch.save(model.enc_c.state_dict(), ckpt / "enc_c.ckpt")  # type: ignore[attr-defined]
+    torch.save(model.dec_c.state_dict(), ckpt / "dec_c.ckpt")  # type: ignore[attr-defined]
+    torch.save(model.dec_m[0].state_dict(), ckpt / "dec_m_0.ckpt")  # type: ignore[attr-defined]
+    (ckpt / "hparams.yaml").write_text(yaml.safe_dump(W.HPARAMS_44K))
+    return ckpt
+
+
+def test_load_goes_through_silentcipher_loader(tmp_path: Path) -> None:
+    ref = Watermarker.random(seed=7)  # full-size decoder: the checkpoint shapes must match
+    write_checkpoint(ref.model, tmp_path)
+    x = voice_like(1.1, seed=6)
+    want = ref.apply(x)
+    # the message is the key: another key must change the watermark
+    assert not np.array_equal(Watermarker(ref.model, key=(1, 2, 3, 4, 5)).apply(x), want)
+    for where in (tmp_path, tmp_path / CKPT_SUBDIR):
+        loaded = Watermarker.load(weights_dir=where)
+        assert loaded.key == ref.key == CSM_1B_PUBLIC_KEY
+        np.testing.assert_array_equal(loaded.apply(x), want)
+        assert loaded.verify(want, SR, phase_search_s=0) == ref.verify(want, SR, phase_search_s=0)
+
+
+def test_load_from_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hfc
+
+    ref = Watermarker.random(seed=8)
+    snap = tmp_path / "models--sony--silentcipher" / "snapshots" / "0123abcd"
+    write_checkpoint(ref.model, snap)
+    (tmp_path / "models--sony--silentcipher" / "refs").mkdir()
+    (tmp_path / "models--sony--silentcipher" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", True)
+    assert W.resolve_weights() == snap / CKPT_SUBDIR
+    x = voice_like(0.5)
+    np.testing.assert_array_equal(Watermarker.load().apply(x), ref.apply(x))
+
+
+def test_missing_weights_say_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hfc
+
+    with pytest.raises(FileNotFoundError, match="hparams.yaml"):
+        Watermarker.load(weights_dir=tmp_path)
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="sony/silentcipher"):
+        Watermarker.load()
+
+
+# --- the real model ---------------------------------------------------------------------------
+
+
+def _real_weights_cached() -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return all(
+        isinstance(try_to_load_from_cache(W.HF_REPO, f"{CKPT_SUBDIR}/{f}"), str)
+        for f in W.CKPT_FILES
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_weights_cached(), reason="sony/silentcipher not in the HF cache")
+def test_real_watermark_round_trip() -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    wm = Watermarker.load(device=device)
+    x = voice_like(4.0, seed=9)
+    y = wm.apply(x)
+    assert wm.verify(y, SR).key_matches
+    assert not wm.verify(x, SR).key_matches
+    streamed = np.concatenate(feed(StreamWatermarker(wm), x, seed=2))
+    assert wm.verify(streamed, SR).key_matches
