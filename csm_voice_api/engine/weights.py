@@ -384,10 +384,13 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     *,
     cache_dir: str | Path | None = None,
+    mimi_weights: str | Path | None = None,
 ) -> LoadedModel:
     """Load "demo", "auto", a Hugging Face repo id, or a local folder laid out like one.
 
     A repo is read from the cache; it is downloaded only when HF_TOKEN is set and HF_HUB_OFFLINE is not.
+    `mimi_weights` (an explicit file) skips looking Mimi up; without it a real model whose Mimi
+    weights cannot be found is an error (FileNotFoundError), never a silently random codec.
     """
     from csm_voice_api.engine.demo import build_demo
 
@@ -406,7 +409,7 @@ def load_model(
     config = json.loads(src.get("config.json").read_text()) if "config.json" in names else {}
     args = args_from_hf_config(config) if config else ModelArgs.csm_1b()
     tokenizer = _tokenizer(src, names, cache, online)
-    mimi = resolve_mimi(src.root, cache, online)
+    mimi = Path(mimi_weights) if mimi_weights is not None else resolve_mimi(src.root, cache, online)
     files = _fetch_weights(src, names, config)
     log.info("loading %s from %s", spec, ", ".join(f.name for f in files))
     model = build_model(args, convert_state(_Tensors(files), args, device, dtype), device)

@@ -123,6 +123,9 @@ def test_missing_mimi_is_an_error_for_the_real_model(tmp_path, hf_csm):
             shutil.copy(p, tmp_path / p.name)
     with pytest.raises(FileNotFoundError, match="Mimi"):
         load_model(str(tmp_path), cache_dir=tmp_path / "empty-cache")
+    explicit = tmp_path / "elsewhere" / "mimi.safetensors"
+    loaded = load_model(str(tmp_path), cache_dir=tmp_path / "empty-cache", mimi_weights=explicit)
+    assert loaded.mimi_weights == explicit
 
 
 class _Payload:
