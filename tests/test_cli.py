@@ -1,0 +1,111 @@
+"""The `csm-voice-api` console script: say, the demo banner, serve's settings, verify-watermark."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from csm_voice_api import cli
+from csm_voice_api.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_say_writes_a_wav_of_whole_frames(tmp_path: Path, capsys):
+    out = tmp_path / "out.wav"
+    rc = cli.main(["say", "Hello there.", "-o", str(out), "--model", "demo", "--device", "cpu",
+                   "--max-ms", "800", "--seed", "5", "--voice", "echo"])  # fmt: skip
+    assert rc == 0
+    err = capsys.readouterr().err
+    frames = int(re.search(r"wrote .*: (\d+) frames", err).group(1))
+    assert "RANDOM NOISE" in err  # the demo banner
+    assert "frame" in err  # the progress bar
+    with wave.open(str(out)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24_000, 1, 2)
+        pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    assert 1 <= frames <= 10
+    assert len(pcm) == frames * 1920
+    assert np.any(pcm != 0)
+
+
+def test_say_refuses_an_unknown_voice(tmp_path: Path):
+    with pytest.raises(SystemExit, match="unknown voice"):
+        cli.main(["say", "Hi.", "-o", str(tmp_path / "x.wav"), "--model", "demo", "--device", "cpu",
+                  "--voice", "nobody"])  # fmt: skip
+    assert not (tmp_path / "x.wav").exists()
+
+
+class _Demo:
+    is_demo = True
+    demo_reason = "sesame/csm-1b is gated and no HF_TOKEN is set"
+
+
+def test_demo_banner_is_loud_and_says_what_to_do():
+    banner = cli.demo_banner(_Demo())  # type: ignore[arg-type]
+    lines = banner.splitlines()
+    assert len(lines) >= 10
+    assert len({len(line) for line in lines}) == 1  # a closed box
+    text = " ".join(lines)
+    for needle in ("RANDOM NOISE", "HF_TOKEN", "huggingface.co/sesame/csm-1b", "--model /path", "no HF_TOKEN is set"):
+        assert needle in text
+
+
+def test_serve_flags_override_environment(monkeypatch):
+    monkeypatch.setenv("CSM_PORT", "9001")
+    monkeypatch.setenv("CSM_MODEL", "sesame/csm-1b")
+    monkeypatch.setenv("CSM_API_KEYS", "a, b,,c")
+    args = cli._parser().parse_args(["serve", "--model", "demo", "--host", "0.0.0.0"])
+    s = cli._settings(args)
+    assert (s.model, s.host, s.port) == ("demo", "0.0.0.0", 9001)
+    assert s.api_keys == ["a", "b", "c"]
+    assert s.engine_config().model == "demo"
+    assert s.limits().max_text_chars == 4096
+    assert (s.sampling().temperature, s.sampling().topk) == (0.9, 50)
+
+
+def test_settings_read_dotenv(tmp_path: Path, monkeypatch):
+    (tmp_path / ".env").write_text("CSM_PORT=7007\nCSM_MAX_TEXT_CHARS=100\n")
+    monkeypatch.chdir(tmp_path)
+    s = Settings()
+    assert (s.port, s.max_text_chars) == (7007, 100)
+
+
+def test_verify_watermark_missing_file(tmp_path: Path, capsys):
+    assert cli.main(["verify-watermark", str(tmp_path / "nope.wav")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_runs_the_server_and_prints_the_banner(tmp_path: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "CSM_DATA_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "csm_voice_api", "serve", "--model", "demo", "--device", "cpu",
+           "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert r.json()["is_demo"] is True
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "RANDOM NOISE" in err and "HF_TOKEN" in err
