@@ -188,9 +188,19 @@ async def graphs_equal(eng, voice):
 
     on = await run()
     was, eng.runner.use_graphs = eng.runner.use_graphs, False
-    off = await run()
+    off, off2 = await run(), await run()
     eng.runner.use_graphs = was
-    return all(torch.equal(a, b) for a, b in zip(on, off))
+
+    def first_mismatch(xs, ys):
+        for a, b in zip(xs, ys):
+            n = min(a.shape[1], b.shape[1])
+            bad = (a[:, :n] != b[:, :n]).any(0).nonzero()
+            if len(bad) or a.shape != b.shape:
+                return int(bad[0]) if len(bad) else n
+        return None
+    return {"graphs_equal_eager": all(torch.equal(a, b) for a, b in zip(on, off)),
+            "eager_repeatable": all(torch.equal(a, b) for a, b in zip(off, off2)),
+            "first_mismatch_frame": first_mismatch(on, off), "frames_compared": int(on[0].shape[1])}
 
 
 def peer_frame_ms(peer, n_prompt, device):
@@ -223,6 +233,7 @@ def main():
     ap.add_argument("--streams", default="1,16,64,128,192,256")
     ap.add_argument("--stream-frames", type=int, default=40)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--frames-only", action="store_true", help="only the decode-step timings")
     ap.add_argument("--out", default=None)
     ap.add_argument("--dry-run", action="store_true", help="tiny model on CPU: checks the script, times nothing real")
     a = ap.parse_args()
@@ -248,13 +259,19 @@ def main():
         t0 = time.perf_counter()
         await eng.start()
         results["startup_capture_s"] = time.perf_counter() - t0
-        log(f"graphs captured for buckets {eng.runner.buckets} in {results['startup_capture_s']:.1f} s")
+        results["compiled"] = eng.runner.steps is not None
+        log(f"graphs captured for buckets {eng.runner.buckets} in {results['startup_capture_s']:.1f} s "
+            f"(compiled pieces: {results['compiled']})")
+        if a.frames_only:
+            results["frames"] = await eng._call(frame_timings, eng, [int(b) for b in a.batches.split(",")])
+            await eng.shutdown()
+            return
         ref = (np.random.RandomState(0).randn(24000 * 10) * 0.1).astype(np.float32)
         codes = await eng.encode(ref)
         voice = VoicePrompt((Segment(0, TRANSCRIPT, codes),), 0)
         log(f"prompt: {codes.shape[1]} reference frames + transcript + sentence")
-        results["graphs_equal_eager_greedy"] = await graphs_equal(eng, voice)
-        log(f"graphs on == graphs off (greedy, 3 rows): {results['graphs_equal_eager_greedy']}")
+        results["graphs_vs_eager_greedy"] = await graphs_equal(eng, voice)
+        log(f"graphs on vs off (greedy, 3 rows): {results['graphs_vs_eager_greedy']}")
         cold, warm = await ttfa(eng, codes)
         results.update(ttfa_cold_ms=cold, ttfa_warm_ms=warm)
         log(f"TTFA cold {cold:.1f} ms, warm {warm:.1f} ms")
@@ -272,6 +289,9 @@ def main():
         await eng.shutdown()
 
     asyncio.run(run())
+    if a.frames_only:
+        print(json.dumps(results, default=float))
+        return
     kv = eng.runner.cache
     results["mem_per_session_mb"] = (kv.numel() * kv.element_size() / eng.max_batch) / 2**20
     if device.type == "cuda":

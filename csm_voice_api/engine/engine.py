@@ -40,6 +40,7 @@ class EngineConfig:
     max_batch: int = 0  # rows (generating or warm sessions); 0: 64 on cuda, 8 on cpu
     voice_cache_size: int = 32  # voice prompts whose KV stays on the device (LRU)
     cuda_graphs: bool = True  # CSM_NO_CUDA_GRAPH=1 also turns them off
+    compile: bool = True  # torch.compile the step pieces on cuda (CSM_COMPILE=0 turns it off)
     prefill_chunk: int = 256  # prompt rows per prefill call while other rows are decoding
     mimi: str | None = None  # Mimi weights file; None: resolved with the model
     max_waiting: int = 256  # queued requests before new ones are refused (429)
@@ -132,7 +133,8 @@ class AsyncEngine:
         self.prompt_clips: list[Path] = list(getattr(loaded, "prompt_clips", []) or [])
         self.codec = codec
         model = loaded.model.to(self.device, self.dtype).eval()
-        self.runner = ModelRunner(model, self.max_batch, self.device, self.dtype, config.cuda_graphs)
+        self.runner = ModelRunner(model, self.max_batch, self.device, self.dtype, config.cuda_graphs,
+                                  config.compile)
         self.num_codebooks = model.args.num_codebooks
         self.voice_kv = VoiceKVCache(config.voice_cache_size)
         K = self.num_codebooks
@@ -159,8 +161,9 @@ class AsyncEngine:
         from .weights import load_model
 
         device, dtype, _ = _resolve(config)
-        loaded = load_model(config.model, device=device, dtype=dtype)
-        mimi = Path(config.mimi) if config.mimi else loaded.mimi_weights
+        mimi_override = Path(config.mimi) if config.mimi else None
+        loaded = load_model(config.model, device=device, dtype=dtype, mimi_weights=mimi_override)
+        mimi = mimi_override or loaded.mimi_weights
         codec = MimiCodec.load(mimi, device=device, tiny=loaded.is_demo and mimi is None)
         return cls(loaded, codec, config)
 

@@ -247,22 +247,32 @@ class CSM(nn.Module):
         h = self.decoder(self.projection(inp), pos, cache)  # [B, K, Dd]
         return torch.einsum("bkd,kdv->bkv", h[:, 1:], self.audio_head)
 
-    def frame(self, tokens: Tensor, mask: Tensor, pos: Tensor, cache: Tensor, dcache: Tensor, sample) -> Tensor:
+    def step_backbone(self, tokens: Tensor, mask: Tensor, pos: Tensor, cache: Tensor) -> Tensor:
+        """One backbone position per row: tokens, mask [B, K+1], pos [B] -> normed hidden [B, D]."""
+        return self.prefill(tokens[:, None], mask[:, None], pos[:, None], cache)[:, 0]
+
+    def step_depth(self, x: Tensor, dpos: Tensor, dcache: Tensor, head: Tensor) -> Tensor:
+        """Depth decoder over x [B, T, D] at dpos [B, T]; logits [B, V] of the last position via head [Dd, V]."""
+        return self.decoder(self.projection(x), dpos, dcache)[:, -1] @ head
+
+    def frame(self, tokens: Tensor, mask: Tensor, pos: Tensor, cache: Tensor, dcache: Tensor, sample,
+              steps=None) -> Tensor:
         """One frame for B rows: one backbone step, then codebook 0, then 31 depth steps.
 
         tokens, mask: [B, K+1] the input row at positions pos [B]; sample(logits [B, V], codebook) -> [B].
+        `steps` optionally replaces (step_backbone, step_depth) with compiled versions of the same.
         Returns codes [B, K].
         """
+        backbone, depth = steps or (self.step_backbone, self.step_depth)
         K = self.args.num_codebooks
         B = tokens.shape[0]
-        h = self.prefill(tokens[:, None], mask[:, None], pos[:, None], cache)[:, 0]  # [B, D]
+        h = backbone(tokens, mask, pos, cache)  # [B, D]
         c = sample(self.codebook0_head(h), 0)
         codes = [c]
         x = torch.stack([h, self.embed_codebook(0, c)], dim=1)  # [B, 2, D]
         dpos = torch.arange(2, device=h.device).expand(B, 2)
         for i in range(1, K):
-            dh = self.decoder(self.projection(x), dpos, dcache)[:, -1]  # [B, Dd]
-            c = sample(dh @ self.audio_head[i - 1], i)
+            c = sample(depth(x, dpos, dcache, self.audio_head[i - 1]), i)
             codes.append(c)
             x = self.embed_codebook(i, c)[:, None]
             dpos = dpos[:, -1:] + 1

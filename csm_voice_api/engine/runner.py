@@ -26,8 +26,14 @@ def graphs_disabled() -> bool:
     return os.environ.get("CSM_NO_CUDA_GRAPH", "") not in ("", "0")
 
 
+def compile_requested(default: bool) -> bool:
+    v = os.environ.get("CSM_COMPILE")
+    return default if v is None else v not in ("", "0")
+
+
 class ModelRunner:
-    def __init__(self, model: CSM, max_batch: int, device: torch.device, dtype: torch.dtype, use_graphs: bool = True):
+    def __init__(self, model: CSM, max_batch: int, device: torch.device, dtype: torch.dtype, use_graphs: bool = True,
+                 compile: bool = False):
         self.model = model
         self.device, self.dtype = device, dtype
         self.max_batch = max_batch
@@ -48,6 +54,18 @@ class ModelRunner:
         self.buckets = tuple(b for b in BUCKETS if b < max_batch) + (max_batch,)
         self.use_graphs = use_graphs and device.type == "cuda" and not graphs_disabled()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.codebook_ids = torch.arange(self.K, device=device)  # tensors, so compiled code is not specialised per codebook
+        self.steps = None
+        self.sample_fn = sample
+        if compile_requested(compile) and device.type == "cuda":
+            # Fuse the thousands of tiny elementwise kernels of a frame. Pieces, not the unrolled frame:
+            # a whole-frame compile took minutes per batch size. Batch is dynamic, so buckets share code.
+            import torch._dynamo as dynamo
+
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+            opts = dict(dynamic=True, fullgraph=True)
+            self.steps = (torch.compile(model.step_backbone, **opts), torch.compile(model.step_depth, **opts))
+            self.sample_fn = torch.compile(sample, **opts)
 
     # ---- rows ------------------------------------------------------------------------------
     def bucket_for(self, rows_needed: int) -> int:
@@ -101,9 +119,10 @@ class ModelRunner:
     def _step(self, B: int) -> None:
         K = self.K
         p = self.sampling.rows(B)
+        ids, fn = self.codebook_ids, self.sample_fn
         codes = self.model.frame(
             self.tokens[:B], self.mask[:B], self.pos[:B], self.cache[:, :, :B], self.dcache[:, :, :B],
-            lambda logits, i: sample(logits, p, i),
+            lambda logits, i: fn(logits, p, ids[i]), steps=self.steps,
         )
         active, was_finished = self.active[:B], self.finished[:B]
         adv = active & ~was_finished

@@ -54,7 +54,7 @@ def _fmix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(seed: Tensor, step: Tensor, codebook: int, n: int) -> Tensor:
+def uniform(seed: Tensor, step: Tensor, codebook: int | Tensor, n: int) -> Tensor:
     """[B, n] floats in (0, 1), a pure function of (seed, step, codebook, column)."""
     base = _fmix32((seed & _M32) ^ _fmix32((step * 64 + codebook) & _M32))  # [B]
     col = torch.arange(n, device=seed.device)
@@ -62,7 +62,7 @@ def uniform(seed: Tensor, step: Tensor, codebook: int, n: int) -> Tensor:
     return (x.float() + 0.5) * (1.0 / 4294967296.0)
 
 
-def sample(logits: Tensor, p: SamplingTensors, codebook: int) -> Tensor:
+def sample(logits: Tensor, p: SamplingTensors, codebook: int | Tensor) -> Tensor:
     """logits [B, V] -> token ids [B]: temperature, then top-k, then top-p, then a categorical draw."""
     logits = logits.float()
     B, V = logits.shape
