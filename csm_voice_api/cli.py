@@ -52,7 +52,8 @@ def _announce(engine: AsyncEngine) -> None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     # Only flags actually given override the environment / .env.
-    given = {k: getattr(args, k) for k in ("model", "host", "port", "device", "dtype") if getattr(args, k, None) is not None}
+    flags = ("model", "host", "port", "device", "dtype")
+    given = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
     return Settings(**given)
 
 

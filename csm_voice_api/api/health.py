@@ -23,7 +23,11 @@ async def health(request: Request) -> JSONResponse:
         "is_demo": engine.is_demo,
         "demo_reason": engine.demo_reason,
         "device": str(engine.device),
-        "watermark": state.settings.watermark,
+        # Requested by settings vs actually applied (the watermarker is wired onto app.state later).
+        "watermark": {
+            "enabled": state.settings.watermark,
+            "applied": getattr(state, "watermarker", None) is not None,
+        },
         "stats": engine.stats(),
     }
     return JSONResponse(body, status_code=200 if engine.healthy else 503)

@@ -171,7 +171,8 @@ async def list_models(engine: AsyncEngine = Depends(get_engine)) -> ModelList:
 
 @router.get("/v1/audio/models")
 async def list_audio_models(engine: AsyncEngine = Depends(get_engine)) -> dict:
-    return {"models": [{"id": engine.model_name, "name": engine.model_name}, *({"id": a, "name": a} for a in MODEL_ALIASES)]}
+    ids = [engine.model_name, *(a for a in MODEL_ALIASES if a != engine.model_name)]
+    return {"models": [{"id": i, "name": i} for i in ids]}
 
 
 @router.get("/v1/audio/voices")

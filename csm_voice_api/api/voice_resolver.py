@@ -60,7 +60,9 @@ async def _clone_prompt(request: SpeechRequest, ctx: VoiceContext) -> VoicePromp
     from csm_voice_api.audio.decode import decode_base64_audio
 
     if not request.voice_sample:
-        raise InvalidInput("voice='custom' needs voice_sample: base64 audio of the voice to clone.", param="voice_sample")
+        raise InvalidInput(
+            "voice='custom' needs voice_sample: base64 audio of the voice to clone.", param="voice_sample"
+        )
     transcript = (request.voice_sample_text or "").strip()
     if not transcript:
         raise InvalidInput(
