@@ -120,6 +120,7 @@ class StreamTextConnection:
         self._getter: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self._send_lock = asyncio.Lock()
+        self._text_arrived = asyncio.Event()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def handle_connection(self) -> None:
@@ -205,6 +206,7 @@ class StreamTextConnection:
         if frame.cancel:
             self.cancel()
         seg = self.session.segmenter
+        self._text_arrived.set()
         phrases = seg.push(frame.text_chunk or "", final=frame.is_final or frame.flush, now=time.monotonic())
         for p in phrases:
             self.queue.put_nowait(_Phrase(p, self.epoch))
@@ -274,8 +276,15 @@ class StreamTextConnection:
         while True:
             if self._getter is None:
                 self._getter = asyncio.create_task(self.queue.get())
-            done, _ = await asyncio.wait([self._getter], timeout=seg.deadline(time.monotonic()))
-            if done:
+            # New text moves the idle deadline (or creates one): wake up to recompute it.
+            self._text_arrived.clear()
+            waker = asyncio.create_task(self._text_arrived.wait())
+            try:
+                await asyncio.wait([self._getter, waker], timeout=seg.deadline(time.monotonic()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waker.cancel()
+            if self._getter.done():
                 item, self._getter = self._getter.result(), None
                 return item
             for p in seg.poll_idle(time.monotonic()):

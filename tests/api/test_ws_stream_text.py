@@ -208,3 +208,16 @@ async def test_two_sessions_with_different_voices_interleave_without_mixing(live
         assert [t.text for t in sessions.get(sid).conversation.turns] == texts[key]
     assert a == alone  # same voice, same seed: the interleaved run changed nothing
     assert a != b
+
+
+async def test_a_pause_in_the_text_speaks_what_is_buffered(engine, tmp_path):
+    with serve(engine, tmp_path, session_idle_flush_s=0.3) as server:
+        sid = server.open_session()
+        async with connect(ws_url(server, sid)) as ws:
+            # No punctuation and no final: only the pause can make this a phrase.
+            await ws.send(json.dumps({"text_chunk": "words without an ending"}))
+            got = await receive_until(ws, Received(), "segment.done")
+            await ws.send(json.dumps({"is_final": True}))
+            await receive_until(ws, got)
+    assert [e["text"] for e in got.of("segment.start")] == ["words without an ending"]
+    assert len(wav_samples(got.audio)) == got.frames * FRAME > 0
