@@ -39,7 +39,7 @@ async def voice_clone(
     text: str = Form(...),
     audio_file: UploadFile = File(...),
     context_text: str = Form(""),
-    speaker_id: int = Form(DEFAULT_SPEAKER_ID),
+    speaker_id: int = Form(DEFAULT_SPEAKER_ID, description="999 (default): the cloned voice, model speaker 0; or 0-9"),
     max_audio_length_ms: int = Form(15_000, ge=80),
     temperature: float = Form(0.6, ge=0.0, le=5.0),
     topk: int = Form(20, ge=1, le=2051),

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from starlette.requests import HTTPConnection
 from starlette.types import Receive, Scope, Send
 
@@ -100,7 +100,7 @@ async def open_session(
     audio_file: UploadFile | None = File(None),
     voice_id: str | None = Form(None),
     context_text: str = Form(""),
-    speaker_id: int = Form(DEFAULT_SPEAKER_ID),
+    speaker_id: int = Form(DEFAULT_SPEAKER_ID, description="999 (default): the cloned voice, model speaker 0; or 0-9"),
     temperature: float = Form(0.6, ge=0.0, le=5.0),
     topk: int = Form(20, ge=1, le=2051),
     output_format: Literal["wav", "pcm", "mp3", "opus"] = Form("wav"),
@@ -172,7 +172,8 @@ async def _speak_chunk(
             phrases = seg.push(body.text_chunk, final=body.is_final)
             for phrase in phrases:
                 session.next_segment()
-                async with aclosing(sessions.speak(session, phrase, chunk_frames=chunk_frames, max_audio_ms=turn_cap_ms(phrase))) as audio:
+                gen = sessions.speak(session, phrase, chunk_frames=chunk_frames, max_audio_ms=turn_cap_ms(phrase))
+                async with aclosing(gen) as audio:
                     async for chunk in audio:
                         if chunk.frames:
                             yield encoder.write(chunk.pcm)

@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from csm_voice_api.engine.types import FRAME_SAMPLES, SAMPLE_RATE, AudioChunk, Conversation, Sampling, Segment, VoicePrompt
+from csm_voice_api.engine.types import (
+    FRAME_SAMPLES,
+    SAMPLE_RATE,
+    AudioChunk,
+    Conversation,
+    Sampling,
+    Segment,
+    VoicePrompt,
+)
 from csm_voice_api.errors import InvalidInput, Overloaded, SessionNotFound, VoiceNotFound
 from csm_voice_api.sessions.segmenter import PhraseSegmenter
 
@@ -295,6 +303,9 @@ class SessionManager:
             session.last_active = self.clock()
             if session.state is SessionState.SPEAKING:
                 session.state = SessionState.WARM
+            elif session.state is SessionState.CLOSED:
+                # Closed mid-phrase: the engine ignored close()'s release while the row was busy.
+                self.engine.release(session.conversation)
 
     def touch(self, session: Session) -> None:
         session.last_active = self.clock()

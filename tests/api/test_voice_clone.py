@@ -6,7 +6,8 @@ import pytest
 
 from .test_sessions_support import FRAME, reference
 
-FIELDS = {"text": "Hello from a cloned voice.", "context_text": "A reference.", "max_audio_length_ms": "480", "seed": "3"}
+FIELDS = {"text": "Hello from a cloned voice.", "context_text": "A reference.", "max_audio_length_ms": "480",
+          "seed": "3"}
 
 
 async def clone(client, audio: bytes, name: str = "ref.wav", **fields):
