@@ -351,7 +351,6 @@ class AsyncEngine:
     def _decode(self, bucket: int) -> None:
         r = self.runner
         codes, audible = r.step(bucket)
-        r.audible[bucket:] = False
         pcm = self._lanes.step(r.out, r.audible, bucket)
         codes_h = codes.cpu().numpy()
         audible_h = audible.cpu().numpy()

@@ -55,17 +55,18 @@ class ModelRunner:
         self.use_graphs = use_graphs and device.type == "cuda" and not graphs_disabled()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.codebook_ids = torch.arange(self.K, device=device)  # tensors, so compiled code is not specialised per codebook
-        self.steps = None
-        self.sample_fn = sample
+        self.compiled = None  # (step_backbone, step_depth, sample) compiled, when asked for on cuda
+        self.variant: dict[int, str] = {}  # bucket -> "compiled" | "plain", whichever replayed faster
         if compile_requested(compile) and device.type == "cuda":
             # Fuse the thousands of tiny elementwise kernels of a frame. Pieces, not the unrolled frame:
-            # a whole-frame compile took minutes per batch size. Batch is dynamic, so buckets share code.
+            # a whole-frame compile took minutes per batch size. Automatic dynamic shapes: the first
+            # call compiles static, the next batch size recompiles with only the batch dim symbolic.
             import torch._dynamo as dynamo
 
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-            opts = dict(dynamic=True, fullgraph=True)
-            self.steps = (torch.compile(model.step_backbone, **opts), torch.compile(model.step_depth, **opts))
-            self.sample_fn = torch.compile(sample, **opts)
+            opts = dict(fullgraph=True)
+            self.compiled = (torch.compile(model.step_backbone, **opts), torch.compile(model.step_depth, **opts),
+                             torch.compile(sample, **opts))
 
     # ---- rows ------------------------------------------------------------------------------
     def bucket_for(self, rows_needed: int) -> int:
@@ -116,13 +117,14 @@ class ModelRunner:
         self.cache[:, :, slot, :, : kv.shape[-2]].copy_(kv)
 
     # ---- the decode step -------------------------------------------------------------------
-    def _step(self, B: int) -> None:
+    def _step(self, B: int, compiled: bool = False) -> None:
         K = self.K
         p = self.sampling.rows(B)
-        ids, fn = self.codebook_ids, self.sample_fn
+        ids = self.codebook_ids
+        backbone, depth, fn = self.compiled if compiled else (None, None, sample)
         codes = self.model.frame(
             self.tokens[:B], self.mask[:B], self.pos[:B], self.cache[:, :, :B], self.dcache[:, :, :B],
-            lambda logits, i: fn(logits, p, ids[i]), steps=self.steps,
+            lambda logits, i: fn(logits, p, ids[i]), steps=(backbone, depth) if compiled else None,
         )
         active, was_finished = self.active[:B], self.finished[:B]
         adv = active & ~was_finished
@@ -146,29 +148,62 @@ class ModelRunner:
             graph = self.graphs.get(bucket) or self._capture(bucket)
             graph.replay()
         else:
-            self._step(bucket)
+            self._step(bucket, compiled=self.compiled is not None)
+        self.audible[bucket:] = False
         return self.out[:bucket], self.audible[:bucket]
 
+    _MUTATED = ("tokens", "mask", "pos", "finished")
+
+    def _snapshot(self) -> list[Tensor]:
+        return [getattr(self, n).clone() for n in self._MUTATED] + [self.sampling.step.clone()]
+
+    def _restore(self, saved: list[Tensor]) -> None:
+        for t, v in zip([getattr(self, n) for n in self._MUTATED] + [self.sampling.step], saved):
+            t.copy_(v)
+
     def _capture(self, bucket: int) -> torch.cuda.CUDAGraph:
-        # Capturing runs the step once on garbage: save and restore every buffer it mutates.
-        # Live rows get garbage KV at and after their next position: harmless, since each position
-        # is rewritten by the real step before anything attends to it.
-        saved = [t.clone() for t in (self.tokens, self.mask, self.pos, self.finished, self.sampling.step)]
+        """Capture this bucket's step; with compiled pieces, capture both variants and keep the faster.
+
+        Capturing runs the step on whatever the rows hold: every mutated buffer is restored after.
+        Live rows get garbage KV at and after their next position: harmless, since each position is
+        rewritten by the real step before anything attends to it.
+        """
+        saved = self._snapshot()
+        variants = ["plain"] + (["compiled"] if self.compiled is not None else [])
+        best: tuple[float, str, torch.cuda.CUDAGraph] | None = None
+        for v in variants:
+            graph = self._capture_variant(bucket, v == "compiled")
+            ms = self._replay_ms(graph)
+            self._restore(saved)
+            if best is None or ms < best[0]:
+                best = (ms, v, graph)
+        torch.cuda.synchronize()
+        self.graphs[bucket], self.variant[bucket] = best[2], best[1]
+        log.info("captured decode graph for batch %d (%s, %.2f ms)", bucket, best[1], best[0])
+        return best[2]
+
+    def _capture_variant(self, bucket: int, compiled: bool) -> torch.cuda.CUDAGraph:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (allocator, cuBLAS handles)
-                self._step(bucket)
+            for _ in range(2):  # warm-up outside the graph (compilation, allocator, cuBLAS handles)
+                self._step(bucket, compiled)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool()):
-            self._step(bucket)
-        for t, s in zip((self.tokens, self.mask, self.pos, self.finished, self.sampling.step), saved):
-            t.copy_(s)
-        torch.cuda.synchronize()
-        self.graphs[bucket] = graph
-        log.info("captured decode graph for batch %d", bucket)
+            self._step(bucket, compiled)
         return graph
+
+    @staticmethod
+    def _replay_ms(graph: torch.cuda.CUDAGraph, n: int = 5) -> float:
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / n
 
     def _pool(self):
         if not hasattr(self, "_graph_pool"):
