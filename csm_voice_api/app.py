@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # Order matters where paths overlap: /v1/audio/voices must come before /v1/audio/{filename}.
 PUBLIC_ROUTERS = (
     "csm_voice_api.api.health",  # /health /ready /metrics (no auth)
+    "csm_voice_api.api.web",  # /voice-cloning web UI, static (its /v1 calls carry the key)
 )
 API_ROUTERS = (  # behind CSM_API_KEYS when set
     "csm_voice_api.api.speech",  # /v1/audio/speech, /v1/models, /v1/audio/voices ...
