@@ -154,3 +154,15 @@ class Settings(BaseSettings):
             max_chars=self.session_max_chars,
             idle_flush_s=self.session_idle_flush_s or None,
         )
+
+    # ---- Voice library (stored and built-in voices; /v1/voice-cloning, /v1/audio/voices) ----
+    # Owned by the voice-library helper; read by csm_voice_api/api/voices.py.
+    # Seed of the reference each built-in voice (alloy, echo, ...) generates on first use when the
+    # model ships no prompt clips; changing it changes how those voices sound (they are remade).
+    builtin_voice_seed: int = Field(20250313, ge=0, le=2**31)
+    # Longest such generated reference, in milliseconds (the model usually ends the sentence sooner).
+    builtin_voice_ms: int = Field(8000, ge=400, le=30_000)
+
+    @property
+    def voices_dir(self) -> Path:
+        return self.data_dir / "voices"

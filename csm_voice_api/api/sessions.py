@@ -18,11 +18,11 @@ from starlette.types import Receive, Scope, Send
 
 from csm_voice_api.api.deps import get_engine, get_limits, get_settings
 from csm_voice_api.api.speech_job import turn_cap_ms
-from csm_voice_api.api.voice_resolver import BUILTIN_VOICES
+from csm_voice_api.api.voice_resolver import VoiceContext, resolve_named_voice
 from csm_voice_api.audio.encode import WavEncoder
 from csm_voice_api.config import Limits, Settings
 from csm_voice_api.engine.types import Sampling, VoicePrompt
-from csm_voice_api.errors import InputTooLong, InvalidInput, VoiceNotFound
+from csm_voice_api.errors import InputTooLong, InvalidInput
 from csm_voice_api.sessions.manager import (
     DEFAULT_SPEAKER_ID,
     Session,
@@ -30,7 +30,6 @@ from csm_voice_api.sessions.manager import (
     VoiceResolver,
     clone_prompt,
     model_speaker,
-    voice_store_resolver,
 )
 
 if TYPE_CHECKING:
@@ -64,13 +63,8 @@ def app_voice_resolver(app: FastAPI) -> VoiceResolver:
     """voice_id -> prompt: OpenAI's built-in voice names, then the voice library when present."""
 
     async def resolve(voice_id: str) -> VoicePrompt:
-        key = voice_id.strip().lower()
-        if key in BUILTIN_VOICES:
-            return VoicePrompt(segments=(), speaker=BUILTIN_VOICES.index(key))
-        store = getattr(app.state, "voices", None)
-        if store is None:
-            raise VoiceNotFound(f"Unknown voice '{voice_id}'. Upload audio_file instead.", param="voice_id")
-        return await voice_store_resolver(store, app.state.engine)(voice_id)
+        ctx = VoiceContext(app.state.engine, app.state.limits, getattr(app.state, "voices", None))
+        return await resolve_named_voice(voice_id, ctx, param="voice_id")
 
     return resolve
 

@@ -176,8 +176,8 @@ async def list_audio_models(engine: AsyncEngine = Depends(get_engine)) -> dict:
 
 
 @router.get("/v1/audio/voices")
-async def list_voices() -> VoiceList:
-    cards = [VoiceCard(id=i, name=n) for i, n in builtin_voices()]
+async def list_voices(request: Request) -> VoiceList:
+    cards = [VoiceCard(id=i, name=n) for i, n in builtin_voices(getattr(request.app.state, "voices", None))]
     return VoiceList(voices=cards, data=cards)
 
 

@@ -1,6 +1,7 @@
 """Turns the `voice` of a speech request into the VoicePrompt the engine speaks with.
 
-One function, `resolve_voice`, so the voice library can add stored voices in one place.
+`resolve_voice` for speech requests, `resolve_named_voice` for a bare name or id (sessions, the
+voice-cloning routes): built-in voices, OpenAI's other names, then the voice library.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from csm_voice_api.errors import CsmError, InputTooLong, InvalidInput, VoiceNotF
 if TYPE_CHECKING:
     from csm_voice_api.engine.engine import AsyncEngine
 
-# OpenAI's voice names, each a distinct CSM speaker id until the voice library gives them
-# recorded references.
+# OpenAI's voice names. With the voice library, alloy, echo, fable, onyx, nova and shimmer are
+# built-in voices with a fixed reference each (csm_voice_api/voices/builtin.py); the other names,
+# and all of them without a library, are distinct bare CSM speaker ids.
 BUILTIN_VOICES: tuple[str, ...] = (
     "alloy", "echo", "fable", "onyx", "nova", "shimmer",
     "ash", "ballad", "coral", "sage", "verse", "marin", "cedar",
@@ -31,12 +33,16 @@ class VoiceContext:
 
     engine: AsyncEngine
     limits: Limits
-    voices: Any = None  # the voice library's store, once it exists
+    voices: Any = None  # the voice library (csm_voice_api.voices.service.VoiceService), if any
 
 
-def builtin_voices() -> list[tuple[str, str]]:
-    """(id, display name) of every voice a client can name without uploading anything."""
-    return [(v, v.capitalize()) for v in BUILTIN_VOICES]
+def builtin_voices(voices: Any = None) -> list[tuple[str, str]]:
+    """(id, display name) of every voice a client can name: OpenAI's names, then the voices
+    stored in `voices` (a VoiceService) when given."""
+    cards = [(v, v.capitalize()) for v in BUILTIN_VOICES]
+    if voices is not None:
+        cards += [(v.id, v.name) for v in voices.user_voices()]
+    return cards
 
 
 async def resolve_voice(request: SpeechRequest, ctx: VoiceContext) -> VoicePrompt:
@@ -46,13 +52,25 @@ async def resolve_voice(request: SpeechRequest, ctx: VoiceContext) -> VoicePromp
         return await _clone_prompt(request, ctx)
     if request.voice_sample is not None:
         raise InvalidInput("voice_sample is only used with voice='custom'.", param="voice")
-    key = voice.lower()
-    if key in BUILTIN_VOICES:
+    return await resolve_named_voice(voice, ctx)
+
+
+async def resolve_named_voice(voice: str, ctx: VoiceContext, *, param: str = "voice") -> VoicePrompt:
+    """The prompt for a voice name or stored voice id; raises VoiceNotFound naming `param`."""
+    key = voice.strip().lower()
+    library = ctx.voices
+    if key in BUILTIN_VOICES and (library is None or key not in library.builtins):
         return VoicePrompt(segments=(), speaker=BUILTIN_VOICES.index(key))
+    if library is not None:
+        try:
+            return await library.prompt(voice.strip())
+        except VoiceNotFound as e:
+            e.param = param
+            raise
     raise VoiceNotFound(
         f"Unknown voice '{voice}'. Use one of {', '.join(BUILTIN_VOICES)} (GET /v1/audio/voices), "
         f"or voice='{CUSTOM}' with voice_sample and voice_sample_text.",
-        param="voice",
+        param=param,
     )
 
 

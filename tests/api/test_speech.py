@@ -146,7 +146,7 @@ async def test_custom_voice_bad_samples(client, patch, status, param):
     assert r.json()["error"]["param"] == param
 
 
-async def test_custom_voice_sample_over_the_reference_limit(client, settings_factory, engine):
+async def test_custom_voice_sample_over_the_reference_limit(settings_factory, engine):
     app = build_app(settings_factory(max_reference_seconds=1.0), engine)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
