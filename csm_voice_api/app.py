@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
-from csm_voice_api.api import errors, metrics
+from csm_voice_api.api import errors, metrics, security
+from csm_voice_api.api.admission import Admission, AdmissionMiddleware
 from csm_voice_api.api.audio_files import OutputStore
-from csm_voice_api.api.deps import require_api_key
-from csm_voice_api.api.voices import open_voice_service
 from csm_voice_api.config import Settings
 
 if TYPE_CHECKING:
@@ -23,19 +23,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
+# Multipart parsing limits (Starlette's defaults are 1000 files and 1000 fields): uploads carry
+# one clip and a few form fields. max_part_size bounds each non-file field; files are bounded by
+# CSM_MAX_BODY_BYTES and CSM_MAX_UPLOAD_BYTES.
+FORM_LIMITS = {"max_files": 2, "max_fields": 32, "max_part_size": 64 * 1024}
+
 # ROUTERS: each entry is a module exposing `router`. Adding a feature's routes is one line here.
 # Order matters where paths overlap: /v1/audio/voices must come before /v1/audio/{filename}.
 PUBLIC_ROUTERS = (
     "csm_voice_api.api.health",  # /health /ready /metrics (no auth)
     "csm_voice_api.api.web",  # /voice-cloning web UI, static (its /v1 calls carry the key)
 )
-API_ROUTERS = (  # behind CSM_API_KEYS when set
+# Every path needs a key when CSM_API_KEYS is set, except security.PUBLIC_PATHS (health, the model
+# and voice lists, docs, the web UI page); auth runs in SecurityMiddleware, before routing.
+API_ROUTERS = (
+    "csm_voice_api.api.security",  # /v1/ws-ticket
     "csm_voice_api.api.speech",  # /v1/audio/speech, /v1/models, /v1/audio/voices ...
     "csm_voice_api.api.sessions",  # /v1/streaming-session, /v1/stream-text (+ app.state.sessions)
     "csm_voice_api.api.ws",  # WS /v1/ws/stream-text/{session_id}
     "csm_voice_api.api.clone",  # /v1/voice-clone
-    "csm_voice_api.api.voices",  # /v1/voice-cloning/*, POST /v1/audio/voices
-    "csm_voice_api.api.conversation",  # /api/v1/audio/conversation
     "csm_voice_api.api.audio_files",  # /v1/audio/{filename}: keep last (catch-all under /v1/audio)
 )
 # ---------------------------------------------------------------------------------------------
@@ -60,29 +66,44 @@ def build_app(
         app.state.engine = eng
         app.state.outputs = OutputStore(settings.outputs_dir, settings.retention())
         metrics.bind_engine(eng)
+        metrics.bind_app_state(app.state.admission, lambda: getattr(app.state, "sessions", None))
         if on_engine is not None:
             on_engine(eng)
         # Sessions and the voice store are wired here too (app.state.sessions / app.state.voices).
-        # Opening the voice store recovers it (reads its files): off the event loop.
-        app.state.voices = await asyncio.to_thread(open_voice_service, settings, eng)
         try:
             yield
         finally:
-            app.state.voices.close()
             metrics.bind_engine(None)
+            metrics.bind_app_state(None, None)
             if owned:
                 await eng.shutdown()
 
-    app = FastAPI(title="csm-voice-api", version=_version(), lifespan=lifespan)
+    app = FastAPI(title="csm-voice-api", version=_version(), lifespan=lifespan, form_limits=FORM_LIMITS)
     app.state.settings = settings
     app.state.limits = settings.limits()
+    app.state.security = security.build_policy(settings)
+    app.state.admission = Admission(lambda: settings.max_inflight or _slots(app), settings.send_timeout_s)
     errors.install(app)
-    for name in PUBLIC_ROUTERS:
+    for name in (*PUBLIC_ROUTERS, *API_ROUTERS):
         app.include_router(importlib.import_module(name).router)
-    for name in API_ROUTERS:
-        app.include_router(importlib.import_module(name).router, dependencies=[Depends(require_api_key)])
+    # Outermost last: CORS (answers preflights) -> auth/rate limits -> admission -> body limit -> routes.
     app.add_middleware(errors.BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AdmissionMiddleware, admission=app.state.admission)
+    app.add_middleware(security.SecurityMiddleware, policy=app.state.security)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After", "X-Audio-Frames", "X-Stop-Reason"],
+        )
     return app
+
+
+def _slots(app: FastAPI) -> int:
+    engine = getattr(app.state, "engine", None)
+    return int(engine.stats().get("slots", 1)) if engine is not None else 1
 
 
 async def _start_engine(settings: Settings) -> AsyncEngine:

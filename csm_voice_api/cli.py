@@ -62,9 +62,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     from csm_voice_api.app import build_app
 
+    from csm_voice_api.api.admission import GracefulServer
+
     settings = _settings(args)
     app = build_app(settings, on_engine=_announce)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=args.log_level,
+        ws_max_size=settings.ws_max_message_bytes,  # the protocol layer refuses larger frames (1009)
+        timeout_graceful_shutdown=5,  # after our own drain (SIGTERM), what is left gets 5 s
+    )  # fmt: skip
+    GracefulServer(config, app.state.admission, settings.shutdown_grace_s).run()
     return 0
 
 

@@ -84,7 +84,27 @@ class Settings(BaseSettings):
     # Default top-k when a request gives none.
     topk: int = Field(50, ge=1)
 
-    @field_validator("api_keys", mode="before")
+    # ---- Security and overload (read by csm_voice_api/api/security.py and admission.py) ----
+    # Origins allowed to call the API from a browser (CORS), comma separated; "*" allows any. Empty: no CORS.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Origins allowed to open WebSockets, besides the server's own; "*" allows any. Clients without Origin pass.
+    ws_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Serve /metrics without an API key (Prometheus scrapers usually send none).
+    public_metrics: bool = True
+    # Requests per minute per API key (per client address when no keys are set); 0 turns the limit off.
+    rate_limit_per_minute: int = Field(0, ge=0)
+    # Requests a key may make at once before the per-minute rate applies; 0 means rate_limit_per_minute.
+    rate_limit_burst: int = Field(0, ge=0)
+    # Generations (speech, voice-clone, stream-text) in flight at once; 0 means the engine's slot count.
+    max_inflight: int = Field(0, ge=0)
+    # Seconds a client may leave a response or socket unread before it is dropped and its slot freed.
+    send_timeout_s: float = Field(30.0, gt=0)
+    # Largest WebSocket message accepted, in bytes; larger messages close the socket with 1009.
+    ws_max_message_bytes: int = Field(64 * 1024, ge=1024)
+    # On SIGTERM: seconds in-flight streams get to finish before sockets close with 1001 and the server exits.
+    shutdown_grace_s: float = Field(30.0, ge=0)
+
+    @field_validator("api_keys", "cors_origins", "ws_origins", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
         # Env values arrive as one string; a list in code stays a list.

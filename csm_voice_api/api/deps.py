@@ -1,11 +1,12 @@
-"""Small FastAPI dependencies: the shared objects the app's lifespan put on app.state, and auth."""
+"""Small FastAPI dependencies: the shared objects the app's lifespan put on app.state.
+
+Authentication is not a dependency: api/security.py checks every request before routing.
+"""
 
 from __future__ import annotations
 
-import secrets
 from typing import TYPE_CHECKING
 
-from fastapi import HTTPException
 from starlette.requests import HTTPConnection
 
 from csm_voice_api.config import Limits, Settings
@@ -34,18 +35,3 @@ def get_limits(conn: HTTPConnection) -> Limits:
 
 def get_outputs(conn: HTTPConnection) -> OutputStore:
     return conn.app.state.outputs
-
-
-def require_api_key(conn: HTTPConnection) -> None:
-    """Bearer auth for /v1 routes, only when CSM_API_KEYS is set. WebSockets may pass ?api_key=."""
-    keys: list[str] = conn.app.state.settings.api_keys
-    if not keys:
-        return
-    auth = conn.headers.get("authorization", "")
-    given = auth[7:].strip() if auth.lower().startswith("bearer ") else conn.query_params.get("api_key", "")
-    if not any(secrets.compare_digest(given.encode(), k.encode()) for k in keys):
-        raise HTTPException(
-            status_code=401,
-            detail="Missing or invalid API key. Send 'Authorization: Bearer <key>' with a key from CSM_API_KEYS.",
-            headers={"WWW-Authenticate": "Bearer"},
-        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -11,14 +13,21 @@ from csm_voice_api.api.errors import error_response
 router = APIRouter()
 
 
+# /health round-trips a no-op through the engine thread: a loop that is wedged (not just dead)
+# fails liveness too. Generous, since one step of a big batch may be in progress.
+PING_TIMEOUT_S = 5.0
+
+
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     state = request.app.state
     engine = getattr(state, "engine", None)
     if engine is None:
         return error_response("The engine is still loading.", status=503, code="loading")
+    alive = engine.healthy and await _ping(engine)
+    admission = getattr(state, "admission", None)
     body = {
-        "status": "ok" if engine.healthy else "dead",
+        "status": "ok" if alive else "dead",
         "model": engine.model_name,
         "is_demo": engine.is_demo,
         "demo_reason": engine.demo_reason,
@@ -29,13 +38,28 @@ async def health(request: Request) -> JSONResponse:
             "applied": getattr(state, "watermarker", None) is not None,
         },
         "stats": engine.stats(),
+        "admission": admission.stats() if admission is not None else None,
     }
-    return JSONResponse(body, status_code=200 if engine.healthy else 503)
+    return JSONResponse(body, status_code=200 if alive else 503)
+
+
+async def _ping(engine) -> bool:  # noqa: ANN001 - AsyncEngine; api/ stays torch-free at import
+    ping = getattr(engine, "ping", None)
+    if ping is None:
+        return True
+    try:
+        await asyncio.wait_for(ping(), PING_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - any failure to answer is a failed liveness probe
+        return False
+    return True
 
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     engine = getattr(request.app.state, "engine", None)
+    admission = getattr(request.app.state, "admission", None)
+    if admission is not None and admission.draining:
+        return error_response("Not ready: the server is shutting down.", status=503, code="shutting_down")
     if engine is None or not engine.healthy:
         return error_response("Not ready: the engine is loading or has stopped.", status=503, code="not_ready")
     return JSONResponse({"status": "ready"})

@@ -6,10 +6,10 @@ so the engine itself never depends on this module.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -17,7 +17,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-ACTIVE_SESSIONS = Gauge("csm_active_sessions", "Open realtime sessions.", registry=REGISTRY)
 REQUESTS = Counter("csm_speech_requests", "Speech requests started, by route.", ["route"], registry=REGISTRY)
 REJECTIONS = Counter(
     "csm_rejections", "Requests refused for lack of capacity or over a limit, by reason.", ["reason"], registry=REGISTRY
@@ -38,8 +37,23 @@ class _HasStats(Protocol):
 class _EngineCollector(Collector):
     def __init__(self) -> None:
         self.engine: _HasStats | None = None
+        self.admission: _HasStats | None = None
+        self.sessions: Callable[[], Any] = lambda: None  # -> the SessionManager (wired after start-up)
 
     def collect(self) -> Iterator[Metric]:
+        manager = self.sessions()
+        sessions = manager.list() if manager is not None else []
+        yield GaugeMetricFamily("csm_active_sessions", "Open realtime sessions.", value=len(sessions))
+        yield GaugeMetricFamily("csm_attached_sessions", "Sessions with a WebSocket or stream attached.",
+                                value=sum(1 for s in sessions if s.attached))
+        adm = self.admission.stats() if self.admission is not None else {}
+        yield GaugeMetricFamily("csm_inflight_generations", "HTTP generations admitted and not finished.",
+                                value=adm.get("inflight", 0))
+        yield GaugeMetricFamily("csm_admission_capacity", "Generations admitted at once before 429.",
+                                value=adm.get("capacity", 0))
+        yield GaugeMetricFamily("csm_open_websockets", "Open WebSocket connections.", value=adm.get("websockets", 0))
+        yield GaugeMetricFamily("csm_draining", "1 while shutting down (SIGTERM received).",
+                                value=int(adm.get("draining", False)))
         stats = self.engine.stats() if self.engine is not None else {}
         yield CounterMetricFamily("csm_frames", "Audio frames (80 ms) generated.", value=stats.get("frames_total", 0))
         yield GaugeMetricFamily("csm_queue_depth", "Requests waiting for a slot.", value=stats.get("queued", 0))
@@ -58,6 +72,11 @@ REGISTRY.register(_ENGINE)
 def bind_engine(engine: _HasStats | None) -> None:
     """Point the engine gauges at `engine` (the app does this at startup)."""
     _ENGINE.engine = engine
+
+
+def bind_app_state(admission: _HasStats | None, sessions: Callable[[], Any] | None) -> None:
+    """Point the admission and session gauges at the app's objects (None: unbind)."""
+    _ENGINE.admission, _ENGINE.sessions = admission, sessions or (lambda: None)
 
 
 def render() -> bytes:

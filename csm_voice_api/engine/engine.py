@@ -195,6 +195,10 @@ class AsyncEngine:
             "voice_cache": len(self.voice_kv),
         }
 
+    async def ping(self) -> None:
+        """Round-trip a no-op through the engine thread: proves the loop is turning, not just alive."""
+        await self._call(lambda: None)
+
     def max_prompt_frames(self) -> int:
         """Reference-audio frames that leave room for a few turns of text and 20 s of speech."""
         return max(16, self.runner.max_pos - 250 - 64 - 20_000 // 80)
@@ -296,7 +300,12 @@ class AsyncEngine:
                 self._lanes = CodecLanes(self.codec, self.max_batch, stack)
                 while not self._stopping:
                     self._drain_inbox()
-                    if not self._tick():
+                    try:
+                        busy = self._tick()
+                    except torch.OutOfMemoryError as exc:
+                        self._fail_step(exc)
+                        continue
+                    if not busy:
                         self._wake.wait(0.05)
                         self._wake.clear()
         except BaseException as exc:  # noqa: BLE001 - fatal: report, fail everything, go red
@@ -310,6 +319,23 @@ class AsyncEngine:
                     cmd[1].sink(dead)
                 elif cmd[0] == "call":
                     cmd[3](None, dead)
+
+    def _fail_step(self, exc: BaseException) -> None:
+        """A step ran out of device memory: fail only the requests holding rows (waiting ones go on),
+        free their rows and slots, return cached blocks to the allocator, and keep the loop running."""
+        s = self.scheduler
+        log.error("out of device memory in an engine step; failing %d request(s): %s", len(s.running), exc)
+        err = Overloaded("The GPU ran out of memory while generating this request; retry shortly.", retry_after=2.0)
+        err.code = "gpu_out_of_memory"
+        for slot, req in list(s.running.items()):
+            del s.running[slot]
+            req.status = Status.FINISHED_ERROR
+            self.runner.park_row(slot)
+            s.release(req.conversation)  # its KV may be partial: the next turn rebuilds it
+            req.sink(err)
+        s.to_close.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _tick(self) -> bool:
         """One engine step: admit, prefill (a chunk, or all when nothing decodes), start rows, decode."""

@@ -141,7 +141,10 @@ async def test_api_keys_guard_v1_but_not_health(settings_factory, engine):
     app = build_app(settings_factory(api_keys="k1, k2"), engine)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            assert_openai_error(await c.get("/v1/audio/voices"), 401)
-            assert_openai_error(await c.get("/v1/audio/voices", headers={"Authorization": "Bearer k3"}), 401)
-            assert (await c.get("/v1/audio/voices", headers={"Authorization": "Bearer k2"})).status_code == 200
+            # Protected: anything not listed public. The voice list is public (Open WebUI lists it keyless).
+            assert_openai_error(await c.get("/v1/streaming-session/nope"), 401)
+            assert_openai_error(await c.get("/v1/streaming-session/nope", headers={"Authorization": "Bearer k3"}), 401)
+            ok = await c.get("/v1/streaming-session/nope", headers={"Authorization": "Bearer k2"})
+            assert ok.status_code == 404
+            assert (await c.get("/v1/audio/voices")).status_code == 200
             assert (await c.get("/health")).status_code == 200

@@ -1,0 +1,232 @@
+"""Admission control, slow-client drops and graceful shutdown.
+
+`AdmissionMiddleware` counts generations in flight (every POST under /v1 but the ticket route:
+speech, voice-clone, stream-text, session and voice creation) and refuses one over capacity with
+429 + Retry-After before its body is read, decoded or sent to the engine. The count drops when the
+response ends, however it ends, so a client that leaves frees its place at once.
+
+A client that stops reading blocks our `send` (TCP flow control); after `send_timeout_s` its
+send fails like a disconnect, which aborts the engine work and frees the slot.
+
+On SIGTERM, `GracefulServer` drains: /ready answers 503, new work gets 503, in-flight HTTP streams
+run to their end and each WebSocket closes with 1001 once its current phrase is done (or when the
+grace period runs out); then uvicorn stops and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from csm_voice_api.api import metrics
+from csm_voice_api.api.errors import csm_error_response, error_response
+from csm_voice_api.errors import Overloaded
+
+log = logging.getLogger(__name__)
+
+EXEMPT_POSTS = frozenset({"/v1/ws-ticket"})
+CLOSE_GOING_AWAY = 1001
+RETRY_AFTER_S = 1.0
+
+
+class SendTimeout(OSError):
+    """The client read nothing for send_timeout_s: treated like a disconnect (Starlette maps OSError so)."""
+
+
+def is_generation(scope: Scope) -> bool:
+    return scope["method"] == "POST" and scope["path"].startswith("/v1/") and scope["path"] not in EXEMPT_POSTS
+
+
+class Admission:
+    """In-flight generations vs capacity, open WebSockets, and the draining flag."""
+
+    def __init__(self, capacity: Callable[[], int], send_timeout_s: float = 30.0):
+        self.capacity = capacity
+        self.send_timeout_s = send_timeout_s
+        self.inflight = 0
+        self.refused = 0
+        self.draining = False
+        self.websockets: set[_Socket] = set()
+
+    def stats(self) -> dict:
+        return {"inflight": self.inflight, "capacity": self.capacity(), "websockets": len(self.websockets),
+                "refused": self.refused, "draining": self.draining}
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking work, let what runs finish (at most grace_s), close WebSockets with 1001."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        log.info("draining: %d generations, %d websockets, %.0f s grace", self.inflight, len(self.websockets), grace_s)
+        for ws in list(self.websockets):
+            await ws.close_when_idle()
+        while (self.inflight or self.websockets) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for ws in list(self.websockets):
+            await ws.close("The server is shutting down.")
+
+
+class AdmissionMiddleware:
+    def __init__(self, app: ASGIApp, admission: Admission):
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and is_generation(scope):
+            await self._generation(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _generation(self, scope: Scope, receive: Receive, send: Send) -> None:
+        adm = self.admission
+        if adm.draining:
+            metrics.REJECTIONS.labels(reason="shutting_down").inc()
+            await _shutting_down()(scope, receive, send)
+            return
+        if adm.inflight >= adm.capacity():
+            adm.refused += 1
+            exc = Overloaded(f"All {adm.capacity()} generation slots are busy; retry after the time in "
+                             "Retry-After.", retry_after=RETRY_AFTER_S)
+            response = csm_error_response(exc)
+            response.headers["Connection"] = "close"  # the body was not read
+            await response(scope, receive, send)
+            return
+        adm.inflight += 1
+        try:
+            await self.app(scope, receive, _timed(send, adm.send_timeout_s))
+        except* SendTimeout:
+            log.warning("dropped a client that read nothing for %.0f s (%s)", adm.send_timeout_s, scope["path"])
+        finally:
+            adm.inflight -= 1
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        adm = self.admission
+        if adm.draining:
+            metrics.REJECTIONS.labels(reason="shutting_down").inc()
+            await send({"type": "websocket.close", "code": CLOSE_GOING_AWAY, "reason": "Shutting down."})
+            return
+        sock = _Socket(receive, send, adm.send_timeout_s)
+        adm.websockets.add(sock)
+        try:
+            await self.app(scope, sock.receive, sock.send)
+        finally:
+            adm.websockets.discard(sock)
+
+
+def _shutting_down():
+    return error_response("The server is shutting down; retry on another instance or after restart.",
+                          status=503, code="shutting_down",
+                          headers={"Retry-After": str(int(RETRY_AFTER_S)), "Connection": "close"})
+
+
+def _timed(send: Send, timeout_s: float) -> Send:
+    async def timed_send(message: Message) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await send(message)
+        except TimeoutError:
+            raise SendTimeout(f"the client read nothing for {timeout_s:.0f} s") from None
+
+    return timed_send
+
+
+class _Socket:
+    """One WebSocket as the middleware sees it: sends are timed and serialised, and it can be closed
+    from outside (drain). It is busy between a `segment.start` and its `segment.done` event."""
+
+    def __init__(self, receive: Receive, send: Send, timeout_s: float):
+        self._receive = receive
+        self._send = _timed(send, timeout_s)
+        self._lock = asyncio.Lock()
+        self._closed = asyncio.Event()
+        self._close_when_idle = False
+        self.busy = 0
+
+    async def receive(self) -> Message:
+        if self._closed.is_set():
+            return {"type": "websocket.disconnect", "code": CLOSE_GOING_AWAY}
+        recv = asyncio.ensure_future(self._receive())
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait((recv, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if recv.done():
+            return recv.result()
+        recv.cancel()
+        return {"type": "websocket.disconnect", "code": CLOSE_GOING_AWAY}
+
+    async def send(self, message: Message) -> None:
+        if self._closed.is_set():
+            raise OSError("the server closed this socket")
+        async with self._lock:
+            await self._send(message)
+        if message["type"] == "websocket.close":
+            self._closed.set()
+        elif message.get("text"):
+            self._track(message["text"])
+            if self._close_when_idle and not self.busy:
+                await self.close("The server is shutting down.")
+
+    def _track(self, text: str) -> None:
+        if not text.startswith('{"type":"segment.'):
+            return
+        kind = json.loads(text).get("type")
+        self.busy += 1 if kind == "segment.start" else -1 if kind == "segment.done" else 0
+        self.busy = max(self.busy, 0)
+
+    async def close_when_idle(self) -> None:
+        self._close_when_idle = True
+        if not self.busy:
+            await self.close("The server is shutting down.")
+
+    async def close(self, reason: str) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()  # first: the app's pending receive returns a disconnect now
+        try:
+            async with asyncio.timeout(1.0), self._lock:
+                await self._send({"type": "websocket.close", "code": CLOSE_GOING_AWAY, "reason": reason})
+        except (OSError, TimeoutError, RuntimeError):
+            pass  # already gone, or never accepted
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, but SIGTERM drains first (see the module docstring) and then exits 0."""
+
+    def __init__(self, config: uvicorn.Config, admission: Admission, grace_s: float):
+        super().__init__(config)
+        self.admission = admission
+        self.grace_s = grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task | None = None
+
+    async def serve(self, sockets=None) -> None:  # noqa: ANN001 - uvicorn's signature
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self._drain_task is None and self._loop is not None and self.started:
+            # Not recorded as a captured signal: uvicorn would re-raise it after shutdown (exit 143).
+            self._loop.call_soon_threadsafe(self._start_drain)
+            return
+        super().handle_exit(sig, frame)
+
+    def _start_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self.admission.drain(self.grace_s)
+        finally:
+            self.should_exit = True
