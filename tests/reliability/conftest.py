@@ -1,0 +1,120 @@
+"""Reliability fixtures: one demo engine, and uvicorn servers on 127.0.0.1 with chosen settings.
+
+Every wait in this suite is a bounded poll (`eventually`); nothing asserts on elapsed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from csm_voice_api.app import build_app
+from csm_voice_api.config import Settings
+from csm_voice_api.engine.engine import AsyncEngine, EngineConfig
+
+KEY = "sk-test-0123456789abcdef"
+OTHER_KEY = "sk-other-fedcba9876543210"
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[AsyncEngine]:
+    eng = AsyncEngine.load(EngineConfig(model="demo", device="cpu", max_batch=4))
+    asyncio.run(eng.start())
+    yield eng
+    asyncio.run(eng.shutdown())
+
+
+def make_settings(data_dir: Path, **overrides: object) -> Settings:
+    # _env_file=None: a developer's .env must not change what the tests check.
+    return Settings(_env_file=None, model="demo", device="cpu", data_dir=data_dir, **overrides)
+
+
+@dataclass
+class Live:
+    url: str
+    app: object
+
+    @property
+    def ws_url(self) -> str:
+        return "ws" + self.url[4:]
+
+    @property
+    def admission(self):
+        return self.app.state.admission  # type: ignore[attr-defined]
+
+    def open_session(self, headers: dict[str, str] | None = None, **form: str) -> str:
+        form = {"voice_id": "alloy", "output_format": "pcm", **form}
+        r = httpx.post(self.url + "/v1/streaming-session", data=form, headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["session_id"]
+
+
+@contextmanager
+def serve(engine: AsyncEngine | None, data_dir: Path, *, sndbuf: int | None = None,
+          ws_max_size: int = 16 * 1024 * 1024, **settings: object) -> Iterator[Live]:
+    """uvicorn on 127.0.0.1 (a free port) in a thread. `sndbuf` shrinks the server's socket send
+    buffers, so a client that stops reading stalls the server after a few kilobytes."""
+    import uvicorn
+
+    app = build_app(make_settings(data_dir, **settings), engine)
+    sock = socket.socket()
+    if sndbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)  # accepted sockets inherit it
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=ws_max_size)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield Live(f"http://127.0.0.1:{sock.getsockname()[1]}", app)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture
+def live_factory(engine: AsyncEngine, tmp_path: Path) -> Iterator[Callable[..., Live]]:
+    """live_factory(**settings) -> a running server; all are stopped after the test."""
+    stack: list = []
+
+    def start(**settings: object) -> Live:
+        cm = serve(engine, tmp_path / f"srv{len(stack)}", **settings)
+        stack.append(cm)
+        return cm.__enter__()
+
+    yield start
+    for cm in reversed(stack):
+        cm.__exit__(None, None, None)
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll `check` until true; fail after `timeout` seconds (a bound, not a measurement)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not check():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"{what}: not reached within {timeout} s") from None
+
+
+def engine_idle(engine: AsyncEngine) -> bool:
+    s = engine.stats()
+    return s["active"] == 0 and s["queued"] == 0
+
+
+def bearer(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
