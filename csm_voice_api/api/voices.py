@@ -87,6 +87,7 @@ class OpenAIVoice(BaseModel):
     id: str
     name: str
     created_at: int
+    type: Literal["audio_sample"] = "audio_sample"
     transcript_missing: bool
     warnings: list[str] = Field(default_factory=list)
 
@@ -180,13 +181,29 @@ async def create_openai_voice(
     audio_sample: UploadFile = File(...),
     transcript: str = Form(""),  # extension: the words spoken in audio_sample
     consent: str | None = Form(None),  # OpenAI's consent recording id: accepted, not checked
+    type: str = Form("audio_sample"),
     voices: VoiceService = Depends(get_voices),
     limits: Limits = Depends(get_limits),
 ) -> OpenAIVoice:
+    if type != "audio_sample":
+        raise InvalidInput("Only type='audio_sample' voices can be created here (CSM clones from audio).",
+                           param="type")  # fmt: skip
     new = await _create(voices, limits, name, audio_sample, "audio_sample", transcript, "")
     v = new.voice
     return OpenAIVoice(id=v.id, name=v.name, created_at=v.created_at, transcript_missing=new.transcript_missing,
                        warnings=list(new.warnings))  # fmt: skip
+
+
+class OpenAIVoiceDeleted(BaseModel):
+    object: Literal["audio.voice.deleted"] = "audio.voice.deleted"
+    id: str
+    deleted: bool = True
+
+
+@router.delete("/v1/audio/voices/{voice_id}")
+async def delete_openai_voice(voice_id: str, voices: VoiceService = Depends(get_voices)) -> OpenAIVoiceDeleted:
+    voice = await voices.delete(voice_id, param="voice_id")
+    return OpenAIVoiceDeleted(id=voice.id)
 
 
 # ---- helpers -----------------------------------------------------------------------------------
