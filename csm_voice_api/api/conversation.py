@@ -60,7 +60,7 @@ async def conversation_turn(
 async def context_segments(engine: AsyncEngine, turns: list[ContextTurn], limits: Limits
                            ) -> tuple[tuple[Segment, ...], int]:  # fmt: skip
     """The turns as Segments (audio encoded) within the prompt budget, and how many were dropped."""
-    speakers = [model_speaker(t.speaker) for t in turns]
+    speakers = [_speaker(t.speaker, i) for i, t in enumerate(turns)]
     pcms = [None if t.audio is None else await _decode(t.audio, i, limits) for i, t in enumerate(turns)]
     budget = engine.max_prompt_frames() * FRAME_SAMPLES
     start = len(turns)  # turns[start:] are kept
@@ -80,6 +80,14 @@ async def context_segments(engine: AsyncEngine, turns: list[ContextTurn], limits
         codes = None if pcms[i] is None else await engine.encode(np.ascontiguousarray(pcms[i], dtype=np.float32))
         segments.append(Segment(speakers[i], turns[i].text.strip(), codes))
     return tuple(segments), start
+
+
+def _speaker(speaker: int, i: int) -> int:
+    try:
+        return model_speaker(speaker)
+    except CsmError as e:
+        e.param = f"context[{i}].speaker"
+        raise
 
 
 async def _decode(audio: str, i: int, limits: Limits) -> np.ndarray:
