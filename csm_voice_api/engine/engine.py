@@ -343,11 +343,11 @@ class AsyncEngine:
         s.admit()
         decoding = s.decode_rows() > 0
         did = False
-        while (work := s.next_prefill()) is not None:
+        budget = s.prefill_chunk  # rows computed per tick while others decode: their deadline holds
+        while (budget > 0 or not decoding) and (work := s.next_prefill()) is not None:
             self._prefill(*work)
+            budget -= 0 if work[1].tokens is None else len(work[1].tokens)  # KV copies are nearly free
             did = True
-            if decoding:
-                break  # one chunk per frame keeps running streams on their deadline
         for req in s.ready_to_start():
             self._start(req)
         for slot in s.to_close:
