@@ -2,7 +2,7 @@
 
 `AdmissionMiddleware` counts generations in flight (every POST under /v1 but the ticket route:
 speech, voice-clone, stream-text, session and voice creation) and refuses one over capacity with
-429 + Retry-After before its body is read, decoded or sent to the engine. The count drops when the
+429 + Retry-After before its body is parsed, decoded or sent to the engine. The count drops when the
 response ends, however it ends, so a client that leaves frees its place at once.
 
 A client that stops reading blocks our `send` (TCP flow control); after `send_timeout_s` its
@@ -90,15 +90,15 @@ class AdmissionMiddleware:
         adm = self.admission
         if adm.draining:
             metrics.REJECTIONS.labels(reason="shutting_down").inc()
+            await _discard_body(receive, adm.send_timeout_s)
             await _shutting_down()(scope, receive, send)
             return
         if adm.inflight >= adm.capacity():
             adm.refused += 1
             exc = Overloaded(f"All {adm.capacity()} generation slots are busy; retry after the time in "
                              "Retry-After.", retry_after=RETRY_AFTER_S)
-            response = csm_error_response(exc)
-            response.headers["Connection"] = "close"  # the body was not read
-            await response(scope, receive, send)
+            await _discard_body(receive, adm.send_timeout_s)
+            await csm_error_response(exc)(scope, receive, send)
             return
         adm.inflight += 1
         try:
@@ -122,10 +122,23 @@ class AdmissionMiddleware:
             adm.websockets.discard(sock)
 
 
+async def _discard_body(receive: Receive, timeout_s: float) -> None:
+    """Read the refused request's body and drop it, chunk by chunk (memory stays flat). Closing a
+    socket with unread data makes TCP reset it, and the client would never see our 429."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+    except TimeoutError:
+        return
+
+
 def _shutting_down():
     return error_response("The server is shutting down; retry on another instance or after restart.",
                           status=503, code="shutting_down",
-                          headers={"Retry-After": str(int(RETRY_AFTER_S)), "Connection": "close"})
+                          headers={"Retry-After": str(int(RETRY_AFTER_S))})
 
 
 def _timed(send: Send, timeout_s: float) -> Send:

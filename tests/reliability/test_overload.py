@@ -1,0 +1,104 @@
+"""Admission control, client disconnects and clients that stop reading, against a live server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import httpx
+from websockets.asyncio.client import connect
+
+from .conftest import engine_idle, eventually, serve
+
+LONG = ("This sentence is long enough to keep the engine busy for a good while, and then some more. " * 3).strip()
+STREAM = {"input": LONG, "voice": "alloy", "response_format": "pcm", "max_audio_length_ms": 60_000}
+
+
+def rejections(url: str, reason: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(f'csm_rejections_total{{reason="{reason}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _speech_request(body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return (b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+
+
+async def test_over_capacity_is_refused_before_any_decoding_and_the_slot_comes_back(engine, tmp_path):
+    # The held request's client never reads and the socket buffers are small: it stays in flight
+    # (the demo engine would otherwise finish a minute of audio in seconds).
+    with serve(engine, tmp_path, sndbuf=4096, max_inflight=1, send_timeout_s=120) as live:
+        before = rejections(live.url, "overloaded")
+        held = _never_reading_socket(live.url, _speech_request({**STREAM, "max_audio_length_ms": 90_000}))
+        try:
+            await eventually(lambda: live.admission.inflight == 1, what="held request admitted")
+            async with httpx.AsyncClient(base_url=live.url, timeout=60) as c:
+                # Garbage audio would be a 415 if it were decoded: it is refused before that.
+                r = await c.post("/v1/voice-clone", data={"text": "Hi."},
+                                 files={"audio_file": ("a.wav", b"garbage" * 1000, "audio/wav")})
+                assert r.status_code == 429 and r.headers["retry-after"] == "1"
+                assert r.json()["error"]["code"] == "overloaded"
+                for _ in range(2):  # the refused connection stays usable (its body was drained)
+                    assert (await c.post("/v1/audio/speech", json={**STREAM, "stream": False})).status_code == 429
+                assert (await c.get("/v1/models")).status_code == 200  # reads are not admitted
+        finally:
+            held.close()
+        # The held client went away mid-audio: its GPU work stops and its place frees.
+        await eventually(lambda: live.admission.inflight == 0 and engine_idle(engine), what="slot freed")
+        r = httpx.post(live.url + "/v1/audio/speech", json={**STREAM, "max_audio_length_ms": 240, "stream": False},
+                       timeout=60)
+        assert r.status_code == 200
+        assert rejections(live.url, "overloaded") == before + 3
+
+
+async def test_websocket_disconnect_aborts_within_a_chunk(live_factory, engine):
+    live = live_factory()
+    sid = live.open_session()
+    async with connect(f"{live.ws_url}/v1/ws/stream-text/{sid}") as ws:
+        await ws.send(json.dumps({"text_chunk": LONG, "is_final": True}))
+        async with asyncio.timeout(60):
+            while not isinstance(await ws.recv(), bytes):
+                pass
+        at_close = engine.stats()["frames_total"]
+    await eventually(lambda: engine_idle(engine), what="engine idle after the socket closed")
+    # The phrase may run ~25 s (~300 frames): it was cut, not finished (the margin is for a busy CPU).
+    assert engine.stats()["frames_total"] - at_close <= 60
+    session = live.app.state.sessions.get(sid)
+    await eventually(lambda: session.attached == 0, what="session released")
+
+
+def _never_reading_socket(url: str, request: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").removeprefix("ws://").split(":")
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small window: the server stalls soon
+    s.connect((host, int(port)))
+    s.sendall(request)
+    return s
+
+
+async def test_http_client_that_never_reads_is_dropped_and_its_slot_freed(engine, tmp_path):
+    with serve(engine, tmp_path, sndbuf=4096, send_timeout_s=1.0) as live:
+        s = _never_reading_socket(live.url, _speech_request({**STREAM, "max_audio_length_ms": 90_000}))
+        try:
+            await eventually(lambda: live.admission.inflight == 1, what="request admitted")
+            await eventually(lambda: live.admission.inflight == 0, timeout=90, what="stalled client dropped")
+            await eventually(lambda: engine_idle(engine), what="engine work aborted")
+        finally:
+            s.close()
+
+
+async def test_websocket_client_that_never_reads_is_dropped(engine, tmp_path):
+    with serve(engine, tmp_path, sndbuf=4096, send_timeout_s=1.0) as live:
+        sid = live.open_session()
+        session = live.app.state.sessions.get(sid)
+        # max_queue=1 with a small receive buffer: the client stops reading from the socket.
+        async with connect(f"{live.ws_url}/v1/ws/stream-text/{sid}", max_queue=1, max_size=None) as ws:
+            ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await ws.send(json.dumps({"text_chunk": LONG, "is_final": True}))
+            await eventually(lambda: session.attached == 1, what="socket attached")
+            await eventually(lambda: session.attached == 0, timeout=90, what="stalled socket dropped")
+            await eventually(lambda: engine_idle(engine), what="engine work aborted")
