@@ -321,19 +321,25 @@ class AsyncEngine:
                     cmd[3](None, dead)
 
     def _fail_step(self, exc: BaseException) -> None:
-        """A step ran out of device memory: fail only the requests holding rows (waiting ones go on),
-        free their rows and slots, return cached blocks to the allocator, and keep the loop running."""
+        """A step ran out of device memory: fail only the requests that were in it (queued and other
+        prefilling ones go on), free their rows and slots, return cached blocks, keep the loop running."""
         s = self.scheduler
-        log.error("out of device memory in an engine step; failing %d request(s): %s", len(s.running), exc)
+        one = getattr(exc, "csm_request", None)  # a prefill: that request; a decode: the decoding rows
+        decoding = (Status.RUNNING, Status.DRAINING, Status.CLOSING)
+        if one is not None:
+            failed = [(one.slot, one)]
+        else:
+            failed = [(slot, r) for slot, r in s.running.items() if r.status in decoding]
+        log.error("out of device memory in an engine step; failing %d request(s): %s", len(failed), exc)
         err = Overloaded("The GPU ran out of memory while generating this request; retry shortly.", retry_after=2.0)
         err.code = "gpu_out_of_memory"
-        for slot, req in list(s.running.items()):
+        for slot, req in failed:
             del s.running[slot]
             req.status = Status.FINISHED_ERROR
             self.runner.park_row(slot)
             s.release(req.conversation)  # its KV may be partial: the next turn rebuilds it
             req.sink(err)
-        s.to_close.clear()
+        s.to_close[:] = [slot for slot in s.to_close if slot in s.running]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -360,6 +366,13 @@ class AsyncEngine:
         return did
 
     def _prefill(self, req: Request, piece: PrefillPiece) -> None:
+        try:
+            self._prefill_piece(req, piece)
+        except torch.OutOfMemoryError as exc:
+            exc.csm_request = req  # type: ignore[attr-defined]  # only this request was in the step
+            raise
+
+    def _prefill_piece(self, req: Request, piece: PrefillPiece) -> None:
         if piece.voice_key is not None:
             self.runner.write_kv(req.slot, self.voice_kv.get(piece.voice_key))
             return
