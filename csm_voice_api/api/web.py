@@ -24,7 +24,7 @@ ASSETS: dict[str, str] = {
 # Everything the page loads comes from this server; audio it plays is blob: URLs it made itself.
 _CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "media-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    "media-src 'self' blob:; connect-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 # no-cache = revalidate each time: an upgraded server never runs a stale app.js against new routes.
 _HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}

@@ -250,21 +250,45 @@
   }
 
   async function loadVoices() {
+    const list = $("voice-list");
     const status = $("voices-status");
-    showError($("voices-error"), "");
-    status.textContent = "Loading voices…";
+    list.setAttribute("aria-busy", "true");
+    status.textContent = "Loading…";
     try {
       await refreshLibrary();
+      showError($("voices-error"), "");
       status.textContent = "";
     } catch (e) {
       status.textContent = "";
       showError($("voices-error"), e.message);
+    } finally {
+      list.setAttribute("aria-busy", "false");
     }
   }
 
+  function initVoices() {
+    $("voices-refresh").addEventListener("click", loadVoices);
+  }
+
+  // Items are kept across refreshes while their voice is unchanged, so a refresh never cuts off
+  // a preview that is loading or playing, or a delete being confirmed.
+  const items = new Map(); // voice id -> {key, node}
+
   function renderVoiceList() {
     const list = $("voice-list");
-    list.replaceChildren(...state.library.map(voiceItem));
+    const nodes = state.library.map((voice) => {
+      const key = JSON.stringify(voice);
+      const kept = items.get(voiceId(voice));
+      if (kept && kept.key === key) return kept.node;
+      const node = voiceItem(voice);
+      items.set(voiceId(voice), { key, node });
+      return node;
+    });
+    const present = new Set(state.library.map(voiceId));
+    for (const id of [...items.keys()]) if (!present.has(id)) items.delete(id);
+    // Touch the DOM only on a change: re-inserting nodes would cancel a click in progress.
+    const same = nodes.length === list.children.length && nodes.every((n, i) => list.children[i] === n);
+    if (!same) list.replaceChildren(...nodes);
     $("voices-empty").hidden = state.library.length > 0;
   }
 
@@ -420,7 +444,7 @@
     const link = $("gen-download");
     audio.src = url;
     link.href = url;
-    link.download = `${slug(voiceName)}-${new Date().toISOString().slice(0, 19).replace(/[:T]/g, "")}.wav`;
+    link.download = `${slug(voiceName)}-${new Date().toISOString().slice(0, 19).replace(/[-:]/g, "").replace("T", "-")}.wav`;
     $("gen-result").hidden = false;
     $("gen-status").textContent = `Done in ${seconds.toFixed(1)} s.`;
     audio.addEventListener(
@@ -448,6 +472,7 @@
     initApiKey();
     initTabs();
     initClone();
+    initVoices();
     initGenerate();
     loadBuiltins();
     loadVoices();
