@@ -27,3 +27,19 @@ def build_demo(seed: int = 0) -> LoadedModel:
         # Norm gains near 1; matrices small enough that logits stay soft and samples vary.
         state[name] = 1.0 + 0.1 * noise if name.endswith("norm.weight") else 0.05 * noise
     return LoadedModel(build_model(args, state, "cpu"), tokenizer, "demo", True, None, [])
+
+
+RANDOM_FULL = "random-csm-1b"
+
+
+def build_random_full(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> LoadedModel:
+    """CSM-1B's full architecture with random weights, built on `device`: for benchmarks, whose
+    speed does not depend on weight values. Speaks noise, like the demo model (is_demo=True)."""
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = CSM(ModelArgs.csm_1b()).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+    return LoadedModel(model.eval().requires_grad_(False), tokenizer, RANDOM_FULL, True, None, [])

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str = "auto"  # "auto" | "demo" | Hugging Face repo id | local directory
+    model: str = "auto"  # "auto" | "demo" | "random" (full size, random: benchmarks) | HF repo id | local dir
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
     max_batch: int = 0  # rows (generating or warm sessions); 0: 64 on cuda, 8 on cpu
@@ -164,7 +164,8 @@ class AsyncEngine:
         mimi_override = Path(config.mimi) if config.mimi else None
         loaded = load_model(config.model, device=device, dtype=dtype, mimi_weights=mimi_override)
         mimi = mimi_override or loaded.mimi_weights
-        codec = MimiCodec.load(mimi, device=device, tiny=loaded.is_demo and mimi is None)
+        # The demo model pairs with a tiny random Mimi; the full-size random model with a full-size one.
+        codec = MimiCodec.load(mimi, device=device, tiny=loaded.name == "demo" and mimi is None)
         return cls(loaded, codec, config)
 
     async def start(self) -> None:

@@ -398,6 +398,10 @@ def load_model(
     reason = None
     if spec == "auto":
         spec, reason = resolve_auto(cache)
+    if spec in ("random", "random-csm-1b"):
+        from csm_voice_api.engine.demo import build_random_full
+
+        return build_random_full(device, dtype)
     if spec == "demo":
         loaded = build_demo()
         reset_buffers(loaded.model.to(device=device, dtype=dtype), device)
