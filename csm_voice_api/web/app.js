@@ -17,6 +17,7 @@
     library: [], // cloned voices, as the API returns them
     builtins: [], // [{id, name}] from /v1/audio/voices
     lastCreated: null,
+    voicePicked: false, // the user chose a voice in Generate Speech (or via Use)
   };
 
   // ---------------------------------------------------------------------------------------
@@ -39,6 +40,7 @@
     } catch {
       throw new Error("Could not reach the server. Check that it is running and try again.");
     }
+    if (res.status === 401) $("api-key-settings").open = true; // show where the key goes
     if (!res.ok) throw new Error(await errorMessage(res));
     if (expect === "blob") return res.blob();
     if (expect === "none" || res.status === 204) return null;
@@ -156,6 +158,11 @@
     );
     const fromHash = location.hash.slice(1);
     selectTab(TABS.includes(fromHash) ? fromHash : "clone", { refresh: false });
+    // Links and the back button may change the hash: follow it.
+    window.addEventListener("hashchange", () => {
+      const name = location.hash.slice(1);
+      if (TABS.includes(name)) selectTab(name);
+    });
   }
 
   // ---------------------------------------------------------------------------------------
@@ -176,7 +183,10 @@
       $("clone-name").focus();
     });
     $("clone-use").addEventListener("click", () => {
-      if (state.lastCreated) $("gen-voice").value = voiceId(state.lastCreated);
+      if (state.lastCreated) {
+        $("gen-voice").value = voiceId(state.lastCreated);
+        state.voicePicked = true;
+      }
       selectTab("generate", { focus: true });
       $("gen-text").focus();
     });
@@ -336,6 +346,7 @@
     });
     use.addEventListener("click", () => {
       $("gen-voice").value = voiceId(voice);
+      state.voicePicked = true;
       selectTab("generate", { focus: true });
     });
     del.addEventListener("click", () => confirmDelete(item, voice, actions, audio));
@@ -391,7 +402,9 @@
         ...builtins.map((v) => el("option", { value: v.id, textContent: v.name }))));
     }
     select.replaceChildren(...groups);
-    if ([...select.options].some((o) => o.value === previous)) select.value = previous;
+    // Keep a voice the user chose; otherwise default to the first (their own voices come first).
+    const keep = state.voicePicked && [...select.options].some((o) => o.value === previous);
+    select.value = keep ? previous : select.options[0]?.value ?? "";
   }
 
   function initGenerate() {
@@ -401,6 +414,7 @@
     const tempOut = $("gen-temperature-value");
     text.addEventListener("input", () => (count.textContent = `${text.value.length} / 4096 characters`));
     temp.addEventListener("input", () => (tempOut.value = Number(temp.value).toFixed(2)));
+    $("gen-voice").addEventListener("change", () => (state.voicePicked = true));
     $("generate-form").addEventListener("submit", onGenerate);
   }
 

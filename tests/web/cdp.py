@@ -1,7 +1,7 @@
 """A minimal Chrome DevTools Protocol driver for the web-UI test: Debian's chromium, spoken to over
 `websockets` (already a dependency), so the test needs no npm, no browser download, no new package.
 
-Only what the test uses: navigate, evaluate, wait, type, real mouse clicks, file upload, screenshot.
+Only what the test uses: navigate, evaluate, wait, type, keys, real mouse clicks, file upload, screenshot.
 """
 
 from __future__ import annotations
@@ -127,6 +127,13 @@ class Page:
         """Replace the field's text as a user would: focus, select all, type (fires `input`)."""
         await self.evaluate(f"(el => {{ el.focus(); el.select(); }})(document.querySelector({json.dumps(selector)}))")
         await self.send("Input.insertText", {"text": text})
+
+    async def press(self, key: str) -> None:
+        """A key press on the focused element (named keys: ArrowLeft, ArrowRight, Home, End, Enter)."""
+        codes = {"ArrowLeft": 37, "ArrowRight": 39, "Home": 36, "End": 35, "Enter": 13}
+        for kind in ("keyDown", "keyUp"):
+            await self.send("Input.dispatchKeyEvent",
+                            {"type": kind, "key": key, "code": key, "windowsVirtualKeyCode": codes[key]})
 
     async def upload(self, selector: str, path: Path) -> None:
         root = await self.send("DOM.getDocument", {"depth": 0})

@@ -88,6 +88,15 @@ async def drive(page, http: httpx.AsyncClient, base: str, tmp_path: Path, screen
         .filter(e => e.type !== 'hidden' && !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
                      && !e.textContent.trim()).map(e => e.id || e.outerHTML)""")
     assert unlabelled == []
+    # Tabs follow the WAI-ARIA pattern: arrow keys move the selection and the focus.
+    await page.evaluate("document.getElementById('tab-clone').focus()")
+    await page.press("ArrowLeft")
+    selected = "[...document.querySelectorAll('[role=tab]')].filter(t => t.ariaSelected === 'true').map(t => t.id)"
+    assert await page.evaluate(selected) == ["tab-generate"]
+    assert await page.evaluate("document.activeElement.id") == "tab-generate"
+    assert await page.evaluate("document.getElementById('panel-clone').hidden")
+    await page.press("Home")
+    assert await page.evaluate(selected) == ["tab-clone"]
 
     # A file that is not audio: the page shows the API's own error message.
     bad = tmp_path / "notes.wav"
