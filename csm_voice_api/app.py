@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from csm_voice_api.api import errors, metrics, security
 from csm_voice_api.api.admission import Admission, AdmissionMiddleware
 from csm_voice_api.api.audio_files import OutputStore
+from csm_voice_api.api.voices import open_voice_service
 from csm_voice_api.config import Settings
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ API_ROUTERS = (
     "csm_voice_api.api.sessions",  # /v1/streaming-session, /v1/stream-text (+ app.state.sessions)
     "csm_voice_api.api.ws",  # WS /v1/ws/stream-text/{session_id}
     "csm_voice_api.api.clone",  # /v1/voice-clone
+    "csm_voice_api.api.voices",  # /v1/voice-cloning/*, POST /v1/audio/voices
+    "csm_voice_api.api.conversation",  # /api/v1/audio/conversation
     "csm_voice_api.api.audio_files",  # /v1/audio/{filename}: keep last (catch-all under /v1/audio)
 )
 # ---------------------------------------------------------------------------------------------
@@ -70,9 +73,12 @@ def build_app(
         if on_engine is not None:
             on_engine(eng)
         # Sessions and the voice store are wired here too (app.state.sessions / app.state.voices).
+        # Opening the voice store recovers it (reads its files): off the event loop.
+        app.state.voices = await asyncio.to_thread(open_voice_service, settings, eng)
         try:
             yield
         finally:
+            app.state.voices.close()
             metrics.bind_engine(None)
             metrics.bind_app_state(None, None)
             if owned:
