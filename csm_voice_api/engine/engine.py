@@ -384,7 +384,8 @@ class AsyncEngine:
     def _start(self, req: Request) -> None:
         tok, msk = req.last_row
         p = req.sampling
-        self.runner.start_row(req.slot, tok, msk, req.start_pos, p.temperature, p.topk, p.top_p, req.seed)
+        self.runner.start_row(req.slot, tok, msk, req.start_pos, p.temperature, p.topk, p.top_p, req.seed,
+                              p.repetition_penalty)
         self._lanes.reset(req.slot)
         req.status = Status.RUNNING
 

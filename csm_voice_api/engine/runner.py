@@ -48,7 +48,7 @@ class ModelRunner:
         self.pos = torch.full((MB,), self.parked, dtype=torch.long, device=device)
         self.active = torch.zeros(MB, dtype=torch.bool, device=device)
         self.finished = torch.zeros(MB, dtype=torch.bool, device=device)
-        self.sampling = SamplingTensors.allocate(MB, device)
+        self.sampling = SamplingTensors.allocate(MB, device, self.K, model.args.audio_vocab_size)
         self.out = torch.zeros(MB, self.K, dtype=torch.long, device=device)
         self.audible = torch.zeros(MB, dtype=torch.bool, device=device)  # rows whose frame is speech
         self.buckets = tuple(b for b in BUCKETS if b < max_batch) + (max_batch,)
@@ -74,7 +74,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def start_row(self, slot: int, last_row: Tensor, last_mask: Tensor, pos: int, temperature: float,
-                  topk: int, top_p: float, seed: int) -> None:
+                  topk: int, top_p: float, seed: int, repetition_penalty: float = 1.0) -> None:
         """Make `slot` generate: its next input is the prompt's last row, at position `pos`."""
         self.tokens[slot].copy_(last_row)
         self.mask[slot].copy_(last_mask)
@@ -84,6 +84,8 @@ class ModelRunner:
         s = self.sampling
         s.temperature[slot], s.topk[slot], s.top_p[slot] = temperature, topk, top_p
         s.seed[slot], s.step[slot] = seed, 0
+        s.rep_penalty[slot] = repetition_penalty
+        s.reset_row(slot, self.model.args.audio_vocab_size)
 
     @torch.inference_mode()
     def close_row(self, slot: int) -> None:

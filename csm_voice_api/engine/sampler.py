@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 _M32 = 0xFFFFFFFF
+PENALTY_WINDOW = 16  # frames of each codebook's recent codes that repetition_penalty looks back over
 
 
 @dataclass
@@ -24,19 +25,27 @@ class SamplingTensors:
     top_p: Tensor  # float32 in (0, 1]
     seed: Tensor  # int64
     step: Tensor  # int64, frames sampled so far by this row (advances the random stream)
+    rep_penalty: Tensor  # float32 >= 1; 1 leaves logits untouched
+    recent: Tensor  # int64 [B, K, PENALTY_WINDOW]: the row's last codes per codebook; V = empty
 
     def rows(self, n: int) -> SamplingTensors:
-        return SamplingTensors(*(t[:n] for t in (self.temperature, self.topk, self.top_p, self.seed, self.step)))
+        return SamplingTensors(*(t[:n] for t in (self.temperature, self.topk, self.top_p, self.seed, self.step,
+                                                 self.rep_penalty, self.recent)))
 
     @classmethod
-    def allocate(cls, n: int, device: torch.device | str) -> SamplingTensors:
+    def allocate(cls, n: int, device: torch.device | str, num_codebooks: int = 32, vocab: int = 2051) -> SamplingTensors:
         return cls(
             temperature=torch.zeros(n, device=device),
             topk=torch.ones(n, dtype=torch.long, device=device),
             top_p=torch.ones(n, device=device),
             seed=torch.zeros(n, dtype=torch.long, device=device),
             step=torch.zeros(n, dtype=torch.long, device=device),
+            rep_penalty=torch.ones(n, device=device),
+            recent=torch.full((n, num_codebooks, PENALTY_WINDOW), vocab, dtype=torch.long, device=device),
         )
+
+    def reset_row(self, row: int, vocab: int) -> None:
+        self.recent[row] = vocab
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:
@@ -63,9 +72,19 @@ def uniform(seed: Tensor, step: Tensor, codebook: int | Tensor, n: int) -> Tenso
 
 
 def sample(logits: Tensor, p: SamplingTensors, codebook: int | Tensor) -> Tensor:
-    """logits [B, V] -> token ids [B]: temperature, then top-k, then top-p, then a categorical draw."""
+    """logits [B, V] -> token ids [B]: repetition penalty, temperature, top-k, top-p, then a categorical draw.
+
+    Records the drawn ids in the row's recent-codes ring (p.recent), which the penalty reads.
+    """
     logits = logits.float()
     B, V = logits.shape
+    cb = torch.as_tensor(codebook, device=logits.device)
+    # Repetition penalty over this codebook's last PENALTY_WINDOW codes (CTRL-style: divide
+    # positive logits, multiply negative ones). With penalty 1 the logits stay bit-identical.
+    recent = p.recent.index_select(1, cb.view(1)).squeeze(1)  # [B, W]
+    seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device).scatter_(1, recent, True)[:, :V]
+    pen = p.rep_penalty[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
     greedy = logits.argmax(-1)
     temp = p.temperature.clamp_min(1e-5)[:, None]
     sorted_logits, order = (logits / temp).sort(dim=-1, descending=True)  # [B, V]
@@ -79,4 +98,7 @@ def sample(logits: Tensor, p: SamplingTensors, codebook: int | Tensor) -> Tensor
     noise = -torch.log(uniform(p.seed, p.step, codebook, V)).gather(1, order)
     choice = (probs / noise).argmax(-1)
     drawn = order.gather(1, choice[:, None])[:, 0]
-    return torch.where(p.temperature > 0, drawn, greedy)
+    token = torch.where(p.temperature > 0, drawn, greedy)
+    rows = torch.arange(B, device=logits.device)
+    p.recent[rows, cb, p.step % p.recent.shape[-1]] = token
+    return token

@@ -20,6 +20,15 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None  # None: a fresh random seed per request
     max_audio_ms: int = 90_000
+    repetition_penalty: float = 1.0  # >= 1; penalises codes a row used in its last 16 frames
+
+    def __post_init__(self) -> None:
+        # Checked here so every caller gets the same message; routes validate earlier with param names.
+        if not (self.topk >= 1 and 0 < self.top_p <= 1 and self.repetition_penalty >= 1 and self.max_audio_ms > 0):
+            from ..errors import InvalidInput
+
+            raise InvalidInput(f"invalid sampling parameters {self!r}: need topk >= 1, 0 < top_p <= 1, "
+                               "repetition_penalty >= 1 and max_audio_ms > 0")
 
     @property
     def max_frames(self) -> int:
