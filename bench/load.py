@@ -1,0 +1,226 @@
+"""Load test: many concurrent WebSocket sessions and speech streams against any server URL.
+
+Each client loops for --duration seconds: a WebSocket client speaks one phrase per turn on its
+session; an HTTP client streams POST /v1/audio/speech (pcm). For every utterance it records time to
+first audio (TTFA), total time, and how far audio fell behind real-time playback (stall: the
+worst lateness of a chunk against a player that started at the first chunk). 429/503 answers are
+counted as rejections, anything else that fails as an error.
+
+With --levels 1,2,4,8 the load steps up; the report names the highest level "held": no errors,
+p99 TTFA under --ttfa-slo and p99 stall under --stall-slo.
+
+    python bench/load.py --url http://127.0.0.1:8000 --ws 16 --speech 16 --duration 30
+    python bench/load.py --url http://gpu-box:8000 --levels 8,16,32,64 --mix 0.5 --out load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from websockets.asyncio.client import connect
+
+BYTES_PER_S = 24_000 * 2  # pcm s16le mono 24 kHz
+PHRASES = ["Hello there, thanks for calling. How can I help you today?",
+           "The weather tomorrow looks clear, with a light breeze in the afternoon.",
+           "Your order has shipped and should arrive within three business days."]  # fmt: skip
+
+
+@dataclass
+class Utterance:
+    kind: str  # "ws" | "speech"
+    ok: bool
+    status: str  # "ok" | "rejected" | "error:<what>"
+    ttfa_s: float | None = None
+    total_s: float | None = None
+    audio_s: float = 0.0
+    stall_s: float = 0.0
+
+
+@dataclass
+class Playback:
+    """Lateness of arriving audio against a player that starts at the first chunk."""
+
+    started: float | None = None
+    audio_s: float = 0.0
+    stall_s: float = 0.0
+
+    def arrive(self, nbytes: int, now: float) -> None:
+        if self.started is None:
+            self.started = now
+        else:
+            self.stall_s = max(self.stall_s, now - (self.started + self.audio_s))
+        self.audio_s += nbytes / BYTES_PER_S
+
+
+@dataclass
+class Run:
+    utterances: list[Utterance] = field(default_factory=list)
+
+
+def headers(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+async def speech_client(c: httpx.AsyncClient, args: argparse.Namespace, run: Run, stop: float, i: int) -> None:
+    n = 0
+    while time.monotonic() < stop:
+        body = {"input": PHRASES[(i + n) % len(PHRASES)], "voice": "alloy", "response_format": "pcm",
+                "max_audio_length_ms": args.audio_ms}
+        n += 1
+        t0 = time.monotonic()
+        play = Playback()
+        try:
+            async with c.stream("POST", "/v1/audio/speech", json=body, headers=headers(args.api_key)) as r:
+                if r.status_code in (429, 503):
+                    run.utterances.append(Utterance("speech", False, "rejected"))
+                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                    continue
+                if r.status_code != 200:
+                    run.utterances.append(Utterance("speech", False, f"error:http {r.status_code}"))
+                    continue
+                async for chunk in r.aiter_raw():
+                    play.arrive(len(chunk), time.monotonic())
+        except (httpx.HTTPError, OSError) as e:
+            run.utterances.append(Utterance("speech", False, f"error:{type(e).__name__}"))
+            continue
+        ttfa = None if play.started is None else play.started - t0
+        run.utterances.append(Utterance("speech", True, "ok", ttfa, time.monotonic() - t0, play.audio_s, play.stall_s))
+
+
+async def ws_client(c: httpx.AsyncClient, args: argparse.Namespace, run: Run, stop: float, i: int) -> None:
+    form = {"voice_id": "alloy", "output_format": "pcm", "max_audio_length_ms": str(args.audio_ms)}
+    try:
+        r = await c.post("/v1/streaming-session", data=form, headers=headers(args.api_key))
+    except (httpx.HTTPError, OSError) as e:
+        run.utterances.append(Utterance("ws", False, f"error:{type(e).__name__}"))
+        return
+    if r.status_code in (429, 503):
+        run.utterances.append(Utterance("ws", False, "rejected"))
+        return
+    if r.status_code != 200:
+        run.utterances.append(Utterance("ws", False, f"error:open {r.status_code}"))
+        return
+    sid = r.json()["session_id"]
+    url = args.url.replace("http", "ws", 1) + f"/v1/ws/stream-text/{sid}"
+    try:
+        async with connect(url, additional_headers=headers(args.api_key), max_size=None) as ws:
+            n = 0
+            while time.monotonic() < stop:
+                run.utterances.append(await _ws_turn(ws, PHRASES[(i + n) % len(PHRASES)]))
+                n += 1
+    except Exception as e:  # noqa: BLE001 - a load test reports every failure, it does not stop
+        run.utterances.append(Utterance("ws", False, f"error:{type(e).__name__}"))
+    finally:
+        await c.delete(f"/v1/streaming-session/{sid}", headers=headers(args.api_key))
+
+
+async def _ws_turn(ws, phrase: str) -> Utterance:  # noqa: ANN001 - a websockets connection
+    t0 = time.monotonic()
+    play = Playback()
+    await ws.send(json.dumps({"text_chunk": phrase, "is_final": True}))
+    status = "ok"
+    async with asyncio.timeout(120):
+        while True:
+            msg = await ws.recv()
+            if isinstance(msg, bytes):
+                play.arrive(len(msg), time.monotonic())
+                continue
+            event = json.loads(msg)
+            if event["type"] == "error":
+                status = f"error:{event.get('code')}"
+            if event["type"] == "done":
+                break
+    ttfa = None if play.started is None else play.started - t0
+    return Utterance("ws", status == "ok", status, ttfa, time.monotonic() - t0, play.audio_s, play.stall_s)
+
+
+async def run_level(args: argparse.Namespace, n_ws: int, n_speech: int) -> Run:
+    run = Run()
+    stop = time.monotonic() + args.duration
+    limits = httpx.Limits(max_connections=n_ws + n_speech + 8)
+    async with httpx.AsyncClient(base_url=args.url, timeout=120, limits=limits) as c:
+        tasks = [ws_client(c, args, run, stop, i) for i in range(n_ws)]
+        tasks += [speech_client(c, args, run, stop, i) for i in range(n_speech)]
+        await asyncio.gather(*tasks)
+    return run
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
+
+
+def summarize(run: Run, kind: str | None = None) -> dict:
+    us = [u for u in run.utterances if kind is None or u.kind == kind]
+    ok = [u for u in us if u.ok]
+    ttfa = [u.ttfa_s for u in ok if u.ttfa_s is not None]
+    errors: dict[str, int] = {}
+    for u in us:
+        if u.status.startswith("error"):
+            errors[u.status] = errors.get(u.status, 0) + 1
+    return {
+        "utterances": len(us), "ok": len(ok), "rejected": sum(u.status == "rejected" for u in us),
+        "errors": errors, "audio_s": round(sum(u.audio_s for u in ok), 1),
+        "ttfa_p50_ms": _ms(pct(ttfa, 50)), "ttfa_p99_ms": _ms(pct(ttfa, 99)),
+        "total_p99_ms": _ms(pct([u.total_s for u in ok if u.total_s], 99)),
+        "stall_p99_ms": _ms(pct([u.stall_s for u in ok], 99)),
+    }  # fmt: skip
+
+
+def _ms(s: float | None) -> float | None:
+    return None if s is None else round(s * 1000, 1)
+
+
+def held(summary: dict, args: argparse.Namespace) -> bool:
+    return (not summary["errors"] and summary["ok"] > 0
+            and (summary["ttfa_p99_ms"] or 0) <= args.ttfa_slo * 1000
+            and (summary["stall_p99_ms"] or 0) <= args.stall_slo * 1000)
+
+
+async def main(args: argparse.Namespace) -> dict:
+    levels = [int(x) for x in args.levels.split(",")] if args.levels else [args.ws + args.speech]
+    report: dict = {"url": args.url, "duration_s": args.duration, "audio_ms": args.audio_ms, "levels": []}
+    for level in levels:
+        n_ws = round(level * args.mix) if args.levels else args.ws
+        n_speech = level - n_ws if args.levels else args.speech
+        run = await run_level(args, n_ws, n_speech)
+        entry = {"clients": level, "ws": n_ws, "speech": n_speech, "all": summarize(run),
+                 "ws_sessions": summarize(run, "ws"), "speech_streams": summarize(run, "speech")}
+        entry["held"] = held(entry["all"], args)
+        report["levels"].append(entry)
+        print(f"{level:>5} clients ({n_ws} ws, {n_speech} http): {json.dumps(entry['all'])} held={entry['held']}",
+              flush=True)
+    report["held_clients"] = max((e["clients"] for e in report["levels"] if e["held"]), default=0)
+    return report
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--ws", type=int, default=4, help="concurrent WebSocket sessions (without --levels)")
+    p.add_argument("--speech", type=int, default=4, help="concurrent speech streams (without --levels)")
+    p.add_argument("--levels", default="", help="comma-separated client counts to step through")
+    p.add_argument("--mix", type=float, default=0.5, help="share of WebSocket clients at each level")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per level")
+    p.add_argument("--audio-ms", type=int, default=4000, help="max audio per utterance")
+    p.add_argument("--ttfa-slo", type=float, default=0.5, help="p99 TTFA (s) a held level must meet")
+    p.add_argument("--stall-slo", type=float, default=0.2, help="p99 playback stall (s) a held level must meet")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    a = parse()
+    result = asyncio.run(main(a))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(json.dumps({"held_clients": result["held_clients"]}))
