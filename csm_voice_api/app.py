@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from csm_voice_api.api import errors, metrics, security
 from csm_voice_api.api.admission import Admission, AdmissionMiddleware
 from csm_voice_api.api.audio_files import OutputStore
+from csm_voice_api.api.audio_out import WatermarkScope
 from csm_voice_api.api.voices import open_voice_service
 from csm_voice_api.config import Settings
 
@@ -42,6 +43,7 @@ API_ROUTERS = (
     "csm_voice_api.api.speech",  # /v1/audio/speech, /v1/models, /v1/audio/voices ...
     "csm_voice_api.api.sessions",  # /v1/streaming-session, /v1/stream-text (+ app.state.sessions)
     "csm_voice_api.api.ws",  # WS /v1/ws/stream-text/{session_id}
+    "csm_voice_api.api.watermark",  # /v1/watermark/verify (+ app.state.watermark, loaded at startup)
     "csm_voice_api.api.clone",  # /v1/voice-clone
     "csm_voice_api.api.voices",  # /v1/voice-cloning/*, POST /v1/audio/voices
     "csm_voice_api.api.conversation",  # /api/v1/audio/conversation
@@ -93,6 +95,7 @@ def build_app(
     for name in (*PUBLIC_ROUTERS, *API_ROUTERS):
         app.include_router(importlib.import_module(name).router)
     # Outermost last: CORS (answers preflights) -> auth/rate limits -> admission -> body limit -> routes.
+    app.add_middleware(WatermarkScope)  # the app's watermark is every request's default
     app.add_middleware(errors.BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AdmissionMiddleware, admission=app.state.admission)
     app.add_middleware(security.SecurityMiddleware, policy=app.state.security)

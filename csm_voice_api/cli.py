@@ -8,7 +8,7 @@ import json
 import sys
 import textwrap
 import wave
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,7 +52,7 @@ def _announce(engine: AsyncEngine) -> None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     # Only flags actually given override the environment / .env.
-    flags = ("model", "host", "port", "device", "dtype")
+    flags = ("model", "host", "port", "device", "dtype", "temperature", "top_p", "repetition_penalty")
     given = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
     return Settings(**given)
 
@@ -133,15 +133,36 @@ def _verify_watermark(args: argparse.Namespace) -> int:
         print(f"no such file: {path}", file=sys.stderr)
         return 2
     try:
-        from csm_voice_api.audio.watermark import Watermarker, parse_key, verify_file
+        from csm_voice_api.audio.watermark import load_watermarker, search_bounds, verify_file
 
-        wm = Watermarker.load(key=parse_key(Settings().watermark_key))
-    except (ImportError, OSError, ValueError) as e:
+        settings = Settings()
+        device = args.device or ("cuda" if _cuda() else "cpu")
+        key = args.key if args.key is not None else settings.watermark_key
+        wm = load_watermarker(key, device, demo=args.demo, weights_dir=args.weights or settings.watermark_weights)
+    except (ImportError, OSError, ValueError, RuntimeError) as e:
         print(f"cannot verify watermarks here: {e}", file=sys.stderr)
         return 2
-    result = verify_file(path, wm)
-    print(json.dumps(asdict(result)))
+    search_s, step = search_bounds(device)  # bounded on CPU, so it ends in about a minute
+    if args.phase_search_s is not None:
+        search_s = args.phase_search_s
+    from csm_voice_api.errors import UnsupportedMedia
+
+    try:
+        result = verify_file(path, wm, phase_search_s=search_s, phase_step=args.phase_step or step)
+    except UnsupportedMedia as e:
+        print(f"{path}: {e}", file=sys.stderr)
+        return 2
+    report = {"watermarked": result.watermarked, "key_matches": result.key_matches,
+              "confidence": result.confidence, "key": wm.key_kind,
+              "message": None if result.message is None else list(result.message)}  # fmt: skip
+    print(json.dumps(report))
     return 0 if result.key_matches else 1
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,6 +178,10 @@ def _parser() -> argparse.ArgumentParser:
     engine_flags(serve)
     serve.add_argument("--host", help="bind address (env CSM_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (env CSM_PORT, default 8000)")
+    serve.add_argument("--temperature", type=float, help="default sampling temperature (env CSM_TEMPERATURE, 0.9)")
+    serve.add_argument("--top_p", "--top-p", dest="top_p", type=float, help="default top-p (env CSM_TOP_P, 1.0: off)")
+    serve.add_argument("--repetition_penalty", "--repetition-penalty", dest="repetition_penalty", type=float,
+                       help="default repetition penalty (env CSM_REPETITION_PENALTY, 1.0: off)")  # fmt: skip
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=_serve)
 
@@ -169,8 +194,14 @@ def _parser() -> argparse.ArgumentParser:
     say.add_argument("--max-ms", type=int, default=30_000, help="most audio to generate, in ms")
     say.set_defaults(func=_say)
 
-    verify = sub.add_parser("verify-watermark", help="check a file for the CSM watermark")
+    verify = sub.add_parser("verify-watermark", help="check a file for the CSM watermark (exit 0: the key's)")
     verify.add_argument("file")
+    verify.add_argument("--key", help="5 comma-separated bytes (env CSM_WATERMARK_KEY; default the public CSM-1B key)")
+    verify.add_argument("--weights", type=Path, help="sony/silentcipher checkpoint folder (env CSM_WATERMARK_WEIGHTS)")
+    verify.add_argument("--device", help="cpu | cuda (default cuda when available)")
+    verify.add_argument("--demo", action="store_true", help="the demo model's random watermark networks")
+    verify.add_argument("--phase-search-s", type=float, help="seconds searched for the phase (0: none)")
+    verify.add_argument("--phase-step", type=int, help="phase search step in samples (silentcipher: 10)")
     verify.set_defaults(func=_verify_watermark)
     return p
 

@@ -75,10 +75,16 @@ class Settings(BaseSettings):
     max_output_ms: int = Field(90_000, ge=80)
     # Frames (80 ms each) per streamed chunk: smaller is lower latency, larger is less overhead.
     chunk_frames: int = Field(2, ge=1, le=64)
-    # Mark generated audio with an inaudible watermark (placeholder until audio/watermark.py lands).
+    # Mark every generated audio with Sesame's inaudible SilentCipher watermark; false turns it off.
     watermark: bool = True
-    # Private watermark key; None uses the public default key.
+    # Private 5-byte watermark key, e.g. "17,42,3,99,250"; unset uses the public CSM-1B key.
     watermark_key: str | None = None
+    # Folder with the sony/silentcipher 44.1k checkpoint; unset reads the HF cache or downloads.
+    watermark_weights: Path | None = None
+    # Responses are watermarked in pieces this long (each re-encodes the message period it falls
+    # in so far); 0 means one engine chunk, so nothing is held back. 975 (one message period)
+    # costs least compute but holds streamed audio back up to a second.
+    watermark_stream_chunk_ms: int = Field(0, ge=0, le=975)
     # Default sampling temperature when a request gives none (<= 0 is greedy).
     temperature: float = Field(0.9, ge=0.0, le=5.0)
     # Default top-k when a request gives none.
@@ -139,6 +145,10 @@ class Settings(BaseSettings):
 
     def retention(self) -> OutputRetention:
         return OutputRetention(max_files=self.output_retention_files, max_age_s=self.output_retention_seconds)
+
+    def watermark_stream_chunk_s(self) -> float:
+        ms = self.watermark_stream_chunk_ms or self.chunk_frames * 80
+        return min(ms, 975) / 1000
 
     def sampling(self) -> Sampling:
         from csm_voice_api.engine.types import Sampling

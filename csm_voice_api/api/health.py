@@ -6,6 +6,7 @@ import asyncio
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import State
 
 from csm_voice_api.api import metrics
 from csm_voice_api.api.errors import error_response
@@ -32,11 +33,7 @@ async def health(request: Request) -> JSONResponse:
         "is_demo": engine.is_demo,
         "demo_reason": engine.demo_reason,
         "device": str(engine.device),
-        # Requested by settings vs actually applied (the watermarker is wired onto app.state later).
-        "watermark": {
-            "enabled": state.settings.watermark,
-            "applied": getattr(state, "watermarker", None) is not None,
-        },
+        "watermark": _watermark(state),
         "stats": engine.stats(),
         "admission": admission.stats() if admission is not None else None,
     }
@@ -52,6 +49,16 @@ async def _ping(engine) -> bool:  # noqa: ANN001 - AsyncEngine; api/ stays torch
     except Exception:  # noqa: BLE001 - any failure to answer is a failed liveness probe
         return False
     return True
+
+
+def _watermark(state: State) -> dict:
+    # enabled: asked for by settings (CSM_WATERMARK); applied: every response is being marked.
+    applied = getattr(state, "watermark", None)
+    return {
+        "enabled": state.settings.watermark,
+        "applied": applied is not None,
+        "key": None if applied is None else applied.watermarker.key_kind,  # "public" | "private"
+    }
 
 
 @router.get("/ready")

@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import HTTPConnection
 from starlette.types import Receive, Scope, Send
 
+from csm_voice_api.api.audio_out import response_watermark, watermarked
 from csm_voice_api.api.deps import get_engine, get_limits, get_settings
 from csm_voice_api.api.speech_job import turn_cap_ms
 from csm_voice_api.api.voice_resolver import VoiceContext, resolve_named_voice
@@ -162,19 +164,27 @@ async def _speak_chunk(
     async with session.lock:
         session.attached += 1
         try:
-            seg = session.segmenter
-            phrases = seg.push(body.text_chunk, final=body.is_final)
-            for phrase in phrases:
-                session.next_segment()
-                gen = sessions.speak(session, phrase, chunk_frames=chunk_frames, max_audio_ms=turn_cap_ms(phrase))
-                async with aclosing(gen) as audio:
-                    async for chunk in audio:
-                        if chunk.frames:
-                            yield encoder.write(chunk.pcm)
+            phrases = session.segmenter.push(body.text_chunk, final=body.is_final)
+            pcms = _phrases_pcm(sessions, session, phrases, chunk_frames)
+            async with aclosing(watermarked(pcms, response_watermark())) as audio:
+                async for pcm in audio:
+                    yield encoder.write(pcm)
             yield encoder.flush()  # the header alone when no phrase was complete: an empty WAV
         finally:
             session.attached -= 1
             sessions.touch(session)
+
+
+async def _phrases_pcm(
+    sessions: SessionManager, session: Session, phrases: list[str], chunk_frames: int
+) -> AsyncIterator[np.ndarray]:
+    for phrase in phrases:
+        session.next_segment()
+        gen = sessions.speak(session, phrase, chunk_frames=chunk_frames, max_audio_ms=turn_cap_ms(phrase))
+        async with aclosing(gen) as audio:
+            async for chunk in audio:
+                if chunk.frames:
+                    yield chunk.pcm
 
 
 async def respond_stream(chunks: AsyncIterator[bytes], media_type: str) -> Response:

@@ -6,16 +6,18 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from csm_voice_api.api import metrics
+from csm_voice_api.api.audio_out import response_watermark, watermarked
 from csm_voice_api.audio.dsp import tempo
 from csm_voice_api.audio.encode import make_encoder
 from csm_voice_api.engine.types import FRAME_MS, FRAME_SAMPLES, Conversation, Sampling, VoicePrompt
 
 if TYPE_CHECKING:
+    from csm_voice_api.audio.watermark import StreamWatermarker
     from csm_voice_api.engine.engine import AsyncEngine
 
 # Phrases of a long input: long enough for natural prosody, short enough that each turn plus the
@@ -60,6 +62,7 @@ class SpeechJob:
         speed: float = 1.0,
         chunk_frames: int = 2,
         started: float | None = None,
+        watermark: StreamWatermarker | None | Literal["app"] = "app",
     ):
         self.engine = engine
         self.conversation = Conversation(voice)
@@ -72,17 +75,24 @@ class SpeechJob:
         self.frames = 0
         self.input_tokens = sum(len(engine.tokenizer.encode_turn(voice.speaker, p)) for p in phrases)
         self.stop_reason: str | None = None
+        # "app": the current app's watermark (api/audio_out.py); None: no watermark (tests, tools).
+        self.watermark = response_watermark() if isinstance(watermark, str) else watermark
+        self.ttfa_observed = False
 
     async def run(self) -> AsyncIterator[bytes]:
         encoder = make_encoder(self.fmt)
-        stretch = _Tempo(self.speed)
         try:
-            async with aclosing(self._pcm()) as pcms:
+            # The watermark goes on last, after any tempo change, which would blur it.
+            async with aclosing(watermarked(self._stretched(), self.watermark)) as pcms:
                 async for pcm in pcms:
-                    out = encoder.write(stretch.write(pcm))
+                    if not self.ttfa_observed:
+                        # Time to first audio as the client gets it: watermark included.
+                        self.ttfa_observed = True
+                        metrics.TTFA.labels(route="speech").observe(time.perf_counter() - self.started)
+                    out = encoder.write(pcm)
                     if out:
                         yield out
-            out = encoder.write(stretch.flush()) + encoder.flush()
+            out = encoder.flush()
             if out:
                 yield out
         finally:
@@ -90,6 +100,17 @@ class SpeechJob:
             if close is not None:
                 close()
             self.engine.release(self.conversation)
+
+    async def _stretched(self) -> AsyncIterator[np.ndarray]:
+        stretch = _Tempo(self.speed)
+        async with aclosing(self._pcm()) as pcms:
+            async for pcm in pcms:
+                out = stretch.write(pcm)
+                if out.size:
+                    yield out
+        out = stretch.flush()
+        if out.size:
+            yield out
 
     async def _pcm(self) -> AsyncIterator[np.ndarray]:
         budget_ms = self.sampling.max_audio_ms
@@ -103,8 +124,6 @@ class SpeechJob:
             async with aclosing(gen) as chunks:
                 async for chunk in chunks:
                     if chunk.frames:
-                        if self.frames == 0:
-                            metrics.TTFA.labels(route="speech").observe(time.perf_counter() - self.started)
                         self.frames += chunk.frames
                         budget_ms -= chunk.frames * FRAME_MS
                         yield chunk.pcm

@@ -16,14 +16,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, WebSocket
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from csm_voice_api.api.audio_out import response_watermark, watermarked
 from csm_voice_api.api.sessions import get_sessions
 from csm_voice_api.api.speech_job import turn_cap_ms
 from csm_voice_api.audio.encode import Encoder, make_encoder
@@ -87,6 +90,10 @@ class _Marker:
     epoch: int
 
 
+class _Superseded(Exception):
+    """A phrase's audio arrived after a cancel: drop it."""
+
+
 @dataclass
 class _Progress:
     segment: int
@@ -121,6 +128,8 @@ class StreamTextConnection:
         self._tasks: list[asyncio.Task] = []
         self._send_lock = asyncio.Lock()
         self._text_arrived = asyncio.Event()
+        # One watermark stream per socket: its message grid runs on across phrases.
+        self.watermark = response_watermark()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def handle_connection(self) -> None:
@@ -254,18 +263,26 @@ class StreamTextConnection:
     async def _speak(self, phrase: _Phrase, progress: _Progress) -> None:
         assert self.session is not None
         await self.send(SegmentStart(segment=progress.segment, text=phrase.text))
+        try:
+            async with aclosing(watermarked(self._pcm(phrase, progress), self.watermark)) as pcms:
+                async for pcm in pcms:
+                    data = self._encoder().write(pcm)
+                    if data:
+                        await self.send_bytes(data)
+        except _Superseded:
+            progress.stop_reason = "cancelled"
+
+    async def _pcm(self, phrase: _Phrase, progress: _Progress) -> AsyncIterator[np.ndarray]:
+        assert self.session is not None
         gen = self.sessions.speak(self.session, phrase.text, chunk_frames=self.chunk_frames,
                                   max_audio_ms=turn_cap_ms(phrase.text))
         async with aclosing(gen) as chunks:
             async for chunk in chunks:
                 if phrase.epoch != self.epoch:  # cancelled while this chunk was on its way
-                    progress.stop_reason = "cancelled"
-                    return
+                    raise _Superseded  # not a plain end: the watermark must not flush its rest
                 if chunk.frames:
                     progress.frames += chunk.frames
-                    data = self._encoder().write(chunk.pcm)
-                    if data:
-                        await self.send_bytes(data)
+                    yield chunk.pcm
                 if chunk.done:
                     progress.stop_reason = chunk.stop_reason
 

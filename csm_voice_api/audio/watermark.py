@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 CSM_1B_PUBLIC_KEY: tuple[int, ...] = (212, 211, 146, 56, 201)
 KEY_BYTES = 5  # silentcipher's 44.1k model carries 40 bits: five bytes
 WATERMARK_SR = 44_100
+# A decoded message of another key counts as a watermark only with this agreement between its
+# repetitions (random audio agrees far less; uncalibrated without the real weights).
+OTHER_KEY_CONFIDENCE = 0.9
 MESSAGE_SDR_DB = 36.0  # Sesame's setting: stronger than the model's 47 dB default, still inaudible
 HF_REPO = "sony/silentcipher"
 CKPT_SUBDIR = "44_1_khz/73999_iteration"
@@ -61,6 +64,9 @@ MESSAGE_PERIOD_S = HPARAMS_44K["message_len"] * HPARAMS_44K["HOP_LENGTH"] / WATE
 # audio; verifies queue among themselves to bound their memory.
 _ENCODE_LOCK = threading.Lock()
 _DECODE_LOCK = threading.Lock()
+PHASE_STEP = 10  # silentcipher's own phase-search step, in 44.1 kHz samples
+CPU_PHASE_STEP = 40
+CPU_PHASE_SEARCH_S = 1.05  # one message period (0.975 s) and a hop: the least verify decodes
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,20 @@ class WatermarkResult:
     key_matches: bool
     confidence: float | None  # silentcipher's agreement of the message repetitions, 0..1
     message: tuple[int, ...] | None = None  # the decoded bytes, when present
+
+    @property
+    def watermarked(self) -> bool:
+        """The key's watermark, or a confidently decoded well-formed message of another key.
+
+        silentcipher decodes *some* message from most audio, so `present` alone means little;
+        a 40-bit key match is the real proof. The confidence bar for other keys is a heuristic.
+        """
+        if self.key_matches:
+            return True
+        if not self.present or self.message is None or self.confidence is None:
+            return False
+        well_formed = len(self.message) == KEY_BYTES and all(0 <= b <= 255 for b in self.message)
+        return well_formed and self.confidence >= OTHER_KEY_CONFIDENCE
 
 
 def parse_key(text: str | None) -> tuple[int, ...]:
@@ -177,11 +197,14 @@ class Watermarker:
         seed: int = 0,
         decoder_channels: int = 128,
         decoder_layers: int = 10,
+        encoder_layers: int = 3,
+        carrier_decoder_layers: int = 4,
     ) -> Watermarker:
         """silentcipher's real networks, randomly initialised: for tests and the demo model.
 
         decoder_channels/decoder_layers shrink the message decoder (used by verify only) so that
-        tests can afford the phase-shift search on CPU; the defaults are the real sizes.
+        tests can afford the phase-shift search on CPU; encoder_layers/carrier_decoder_layers
+        shrink what apply() runs. The defaults are the real sizes.
         """
         sc = _import_silentcipher()
         from silentcipher.model import MsgDecoder
@@ -190,7 +213,8 @@ class Watermarker:
             def load_models(self, ckpt_dir: str) -> None:
                 pass  # keep the random initialisation
 
-        config = _namespace({**HPARAMS_44K, "load_ckpt": None})
+        layers = {"enc_n_layers": encoder_layers, "dec_c_n_layers": carrier_decoder_layers}
+        config = _namespace({**HPARAMS_44K, **layers, "load_ckpt": None})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _RandomModel(config, str(device))
@@ -222,7 +246,12 @@ class Watermarker:
         return _fit(out, pcm.size)
 
     def verify(
-        self, pcm: np.ndarray, sample_rate: int, *, phase_search_s: float | None = 3.0
+        self,
+        pcm: np.ndarray,
+        sample_rate: int,
+        *,
+        phase_search_s: float | None = 3.0,
+        phase_step: int = PHASE_STEP,
     ) -> WatermarkResult:
         """Decodes the watermark of mono PCM at any rate and compares it with the key.
 
@@ -230,7 +259,9 @@ class Watermarker:
         that search to the opening seconds, which votes over as many messages as it holds (one
         per 0.975 s) and keeps long files affordable; None searches the whole audio
         (silentcipher's decode_wav as shipped), 0 skips the search (offset 0: right for audio
-        straight from apply(), not for audio cut or re-encoded since).
+        straight from apply(), not for audio cut or re-encoded since). phase_step > 10 tries
+        fewer offsets (silentcipher tries every 10th sample of a hop): for CPUs, where each try
+        of the real decoder costs about a second.
         """
         pcm = np.asarray(pcm, dtype=np.float32)
         if pcm.ndim != 1:
@@ -243,9 +274,17 @@ class Watermarker:
             if phase_search_s is None:
                 res = self.model.decode_wav(y44, WATERMARK_SR, phase_shift_decoding=True)
             else:
-                shift = self._phase_shift(y44, phase_search_s)
+                shift = self._phase_shift(y44, phase_search_s, phase_step)
                 res = self.model.decode_wav(y44[shift:], WATERMARK_SR, phase_shift_decoding=False)
         return self._result(res)
+
+    def stream(self, min_chunk_s: float | None = None) -> StreamWatermarker:
+        """A StreamWatermarker for one response (see there for min_chunk_s)."""
+        return StreamWatermarker(self, min_chunk_s)
+
+    @property
+    def key_kind(self) -> str:
+        return "public" if self.key == CSM_1B_PUBLIC_KEY else "private"
 
     @property
     def min_verify_samples(self) -> int:
@@ -254,13 +293,29 @@ class Watermarker:
         cfg = self.model.config
         return int(cfg.message_len * cfg.HOP_LENGTH)
 
-    def _phase_shift(self, y44: np.ndarray, search_s: float) -> int:
+    def _phase_shift(self, y44: np.ndarray, search_s: float, step: int = PHASE_STEP) -> int:
         if search_s <= 0:
             return 0
         n = max(int(search_s * WATERMARK_SR), self.min_verify_samples)
         y = y44[:n].astype(np.float64)
         y = y * np.sqrt(self.model.average_energy_VCTK / np.mean(y**2))  # as decode_wav does
-        return int(self.model.get_best_ps(y))
+        if step == PHASE_STEP:
+            return int(self.model.get_best_ps(y))
+        return self._coarse_phase_shift(y, step)
+
+    def _coarse_phase_shift(self, y: np.ndarray, step: int) -> int:
+        # get_best_ps's criterion (mean agreement of the message repetitions) on fewer offsets.
+        m, cfg = self.model, self.model.config
+        x = torch.tensor(y, dtype=torch.float32, device=m.device)[None]
+        best, best_acc = 0, -1.0
+        for ps in range(0, cfg.HOP_LENGTH, step):
+            carrier, _ = m.stft.transform(x[:, ps:])
+            pred = torch.argmax(m.dec_m[0](carrier[:, None])[0, 0], dim=0).cpu().numpy()
+            rows = pred[: pred.size // cfg.message_len * cfg.message_len].reshape(-1, cfg.message_len)
+            acc = float(np.mean([np.bincount(col).max() / rows.shape[0] for col in rows.T]))
+            if acc > best_acc:
+                best, best_acc = ps, acc
+        return best
 
     def _result(self, res: dict[str, Any]) -> WatermarkResult:
         if not res.get("status") or not res.get("messages"):
@@ -273,6 +328,61 @@ class Watermarker:
             confidence=None if conf[0] is None else float(conf[0]),
             message=message,
         )
+
+
+_DEMO_LOCK = threading.Lock()
+_DEMO_MODELS: dict[str, Any] = {}
+
+
+def demo_watermarker(key: tuple[int, ...] = CSM_1B_PUBLIC_KEY, device: str = "cpu") -> Watermarker:
+    """The demo model's watermarker: silentcipher's real code on small random networks (seed 0;
+    apply about 4x and verify about 50x cheaper than full size, so the demo and its tests stay
+    quick on CPU). Built once per device and shared. Its message does not decode as the key."""
+    with _DEMO_LOCK:
+        model = _DEMO_MODELS.get(str(device))
+        if model is None:
+            model = Watermarker.random(
+                device=device,
+                decoder_channels=4,
+                decoder_layers=3,
+                encoder_layers=2,
+                carrier_decoder_layers=2,
+            ).model
+            _DEMO_MODELS[str(device)] = model
+    return Watermarker(model, key)
+
+
+def load_watermarker(
+    key_text: str | None, device: str | torch.device, *, demo: bool, weights_dir: Path | None = None
+) -> Watermarker:
+    """The server's watermarker: the real silentcipher model, or the demo's random networks.
+
+    Raises with what to do when the key is malformed or the weights cannot be had: a server
+    that should watermark must not start without it.
+    """
+    try:
+        key = parse_key(key_text)
+    except ValueError as e:
+        raise ValueError(f"CSM_WATERMARK_KEY: {e}") from None
+    if demo:
+        return demo_watermarker(key, str(device))
+    try:
+        return Watermarker.load(key, device, weights_dir)
+    except (ImportError, OSError) as e:
+        raise RuntimeError(
+            f"cannot load the SilentCipher watermark ({e}). Install silentcipher (see README), "
+            "make sony/silentcipher reachable or set CSM_WATERMARK_WEIGHTS, or set "
+            "CSM_WATERMARK=false to serve without the watermark."
+        ) from e
+
+
+def search_bounds(device: str | torch.device) -> tuple[float, int]:
+    """(phase_search_s, phase_step) for verify on this device: silentcipher's full-resolution
+    search over 3 s on a GPU; on a CPU, where one decoder pass over a second of audio takes about
+    a second, one message period (plus a hop) every 40th sample, about 50 passes."""
+    if torch.device(device).type == "cuda":
+        return 3.0, PHASE_STEP
+    return CPU_PHASE_SEARCH_S, CPU_PHASE_STEP
 
 
 class StreamWatermarker:
@@ -298,6 +408,7 @@ class StreamWatermarker:
         self._buf_start = 0  # absolute sample index of _buf[0] (a period edge)
         self._emitted = 0  # absolute samples already returned
         self._chunks = 0
+        self._lock = threading.Lock()  # a cancelled caller's write may still run in its thread
 
     def edge(self, j: int) -> int:
         """Absolute end sample of chunk j-1 (start of chunk j)."""
@@ -313,6 +424,10 @@ class StreamWatermarker:
         return round(k * self.period)
 
     def write(self, pcm: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._write(pcm)
+
+    def _write(self, pcm: np.ndarray) -> np.ndarray:
         self._buf = np.concatenate([self._buf, np.asarray(pcm, dtype=np.float32).reshape(-1)])
         out = []
         while self._buf_start + self._buf.size >= self.edge(self._chunks + 1):
@@ -321,10 +436,25 @@ class StreamWatermarker:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def flush(self) -> np.ndarray:
+        with self._lock:
+            return self._flush()
+
+    def _flush(self) -> np.ndarray:
         end = self._buf_start + self._buf.size
         if end <= self._emitted:
             return np.zeros(0, dtype=np.float32)
         return self._emit(end)
+
+    def discard(self) -> None:
+        """Drops written audio not yet returned (its response was cut): the stream, and its
+        message grid, go on from the last audio actually returned."""
+        with self._lock:
+            self._buf = self._buf[: self._emitted - self._buf_start]
+
+    @property
+    def pending(self) -> int:
+        """Samples written but not returned yet."""
+        return self._buf_start + self._buf.size - self._emitted
 
     def _emit(self, b: int) -> np.ndarray:
         a = self._emitted
@@ -343,10 +473,11 @@ def verify_file(
     watermarker: Watermarker,
     *,
     phase_search_s: float | None = 3.0,
+    phase_step: int = PHASE_STEP,
 ) -> WatermarkResult:
     """Reads any audio PyAV decodes (mixed to mono) and checks it for the watermarker's key."""
     pcm, sr = read_mono(source)
-    return watermarker.verify(pcm, sr, phase_search_s=phase_search_s)
+    return watermarker.verify(pcm, sr, phase_search_s=phase_search_s, phase_step=phase_step)
 
 
 def read_mono(source: str | Path | BinaryIO) -> tuple[np.ndarray, int]:

@@ -13,7 +13,7 @@ async def test_health_reports_the_engine(client, engine):
     body = r.json()
     assert body["status"] == "ok"
     assert (body["model"], body["is_demo"], body["device"]) == (engine.model_name, True, "cpu")
-    assert body["watermark"] == {"enabled": True, "applied": False}
+    assert body["watermark"] == {"enabled": True, "applied": True, "key": "public"}
     assert (await client.get("/ready")).json() == {"status": "ready"}
 
 
