@@ -89,3 +89,13 @@ async def test_generate_streams_on_a_live_server(live_server):
             assert r.headers.get("content-length") is None  # chunked
             data = b"".join([b async for b in r.aiter_bytes()])
     assert data[:4] == b"RIFF" and (len(data) - 44) % (2 * FRAME_SAMPLES) == 0 and len(data) > 44
+
+
+def test_serve_flags_set_sampling_defaults(monkeypatch):
+    from csm_voice_api.cli import _parser, _settings
+
+    monkeypatch.chdir("/")  # no .env from the working directory
+    args = _parser().parse_args(["serve", "--temperature", "0.5", "--top_p", "0.8", "--repetition_penalty", "1.2"])
+    s = _settings(args)
+    assert (s.temperature, s.top_p, s.repetition_penalty) == (0.5, 0.8, 1.2)
+    assert _settings(_parser().parse_args(["serve"])).top_p == 1.0
