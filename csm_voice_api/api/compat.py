@@ -8,7 +8,6 @@ Both speak with the model's plain speaker voices (no reference clip), as those s
 from __future__ import annotations
 
 import base64
-import dataclasses
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
@@ -23,7 +22,7 @@ from csm_voice_api.api.voices import checked_text
 from csm_voice_api.audio.encode import wav_header
 from csm_voice_api.config import Limits, Settings
 from csm_voice_api.engine.types import SAMPLE_RATE, Sampling, VoicePrompt
-from csm_voice_api.errors import InputTooLong, InvalidInput
+from csm_voice_api.errors import InputTooLong
 
 if TYPE_CHECKING:
     from csm_voice_api.engine.engine import AsyncEngine
@@ -61,21 +60,14 @@ def sampling_for(body: SamplingFields, settings: Settings, limits: Limits) -> Sa
     if max_ms > limits.max_output_ms:
         raise InputTooLong(f"max_audio_length_ms may be at most {limits.max_output_ms} (CSM_MAX_OUTPUT_MS).",
                            param="max_audio_length_ms")  # fmt: skip
-    values = {
-        "temperature": settings.temperature if body.temperature is None else body.temperature,
-        "topk": settings.topk if body.topk is None else body.topk,
-        "top_p": settings.top_p if body.top_p is None else body.top_p,
-        "repetition_penalty": settings.repetition_penalty if body.repetition_penalty is None
-        else body.repetition_penalty,
-        "seed": body.seed,
-        "max_audio_ms": max_ms,
-    }  # fmt: skip
-    known = {f.name for f in dataclasses.fields(Sampling)}
-    # repetition_penalty reaches engines that have it; an engine without it only accepts 1.0.
-    if "repetition_penalty" not in known and values["repetition_penalty"] != 1.0:
-        raise InvalidInput("This engine has no repetition penalty; send 1.0 or leave it out.",
-                           param="repetition_penalty")  # fmt: skip
-    return Sampling(**{k: v for k, v in values.items() if k in known})
+    return Sampling(
+        temperature=settings.temperature if body.temperature is None else body.temperature,
+        topk=settings.topk if body.topk is None else body.topk,
+        top_p=settings.top_p if body.top_p is None else body.top_p,
+        repetition_penalty=settings.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
+        seed=body.seed,
+        max_audio_ms=max_ms,
+    )
 
 
 def _job(engine: AsyncEngine, text: str, speaker: int, body: SamplingFields, settings: Settings, limits: Limits

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import wave
 
@@ -11,6 +10,7 @@ import httpx
 import pytest
 
 from csm_voice_api.api.compat import GenerateRequest, sampling_for
+from csm_voice_api.app import build_app
 from csm_voice_api.engine.types import FRAME_SAMPLES, Sampling
 
 SHORT = {"max_audio_length_ms": 400, "seed": 3}
@@ -73,12 +73,38 @@ async def test_generate_rejects_bad_input(client: httpx.AsyncClient, body: dict,
 def test_sampling_defaults_come_from_server_flags(settings_factory):
     settings = settings_factory(temperature=0.5, top_p=0.8, repetition_penalty=1.3)
     s = sampling_for(GenerateRequest(text="x"), settings, settings.limits())
-    assert (s.temperature, s.top_p) == (0.5, 0.8)
+    assert (s.temperature, s.top_p, s.repetition_penalty) == (0.5, 0.8, 1.3)
     own = sampling_for(GenerateRequest(text="x", temperature=0.1, top_p=0.5, repetition_penalty=1.1),
                        settings, settings.limits())  # fmt: skip
-    assert (own.temperature, own.top_p) == (0.1, 0.5)
-    if "repetition_penalty" in {f.name for f in dataclasses.fields(Sampling)}:
-        assert s.repetition_penalty == 1.3 and own.repetition_penalty == 1.1
+    assert (own.temperature, own.top_p, own.repetition_penalty) == (0.1, 0.5, 1.1)
+
+
+class SamplingSpy:
+    """The real engine, recording the Sampling of each generate call."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.samplings: list[Sampling] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def generate(self, conv, text, *, sampling, **kw):
+        self.samplings.append(sampling)
+        return self._engine.generate(conv, text, sampling=sampling, **kw)
+
+
+async def test_request_and_server_sampling_reach_the_engine(settings_factory, engine):
+    spy = SamplingSpy(engine)
+    app = build_app(settings_factory(top_p=0.7, repetition_penalty=1.2), spy)  # type: ignore[arg-type]
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=120) as c:
+            assert (await c.post("/generate", json={"text": "Hi.", **SHORT})).status_code == 200
+            body = {"text": "Hi.", "top_p": 0.9, "repetition_penalty": 1.5, "temperature": 0.3, **SHORT}
+            assert (await c.post("/generate", json=body)).status_code == 200
+            assert (await c.post("/generate_audio", json={"text": "Hi.", "temperature": 0.2, **SHORT})).status_code == 200
+    got = [(s.top_p, s.repetition_penalty, s.temperature) for s in spy.samplings]
+    assert got == [(0.7, 1.2, 0.9), (0.9, 1.5, 0.3), (0.7, 1.2, 0.2)]
 
 
 async def test_generate_streams_on_a_live_server(live_server):
