@@ -47,6 +47,9 @@ API_ROUTERS = (
     "csm_voice_api.api.clone",  # /v1/voice-clone
     "csm_voice_api.api.voices",  # /v1/voice-cloning/*, POST /v1/audio/voices
     "csm_voice_api.api.conversation",  # /api/v1/audio/conversation
+    "csm_voice_api.api.compat",  # /generate_audio, /generate (other CSM servers' routes)
+    "csm_voice_api.api.scenes",  # /v1/scene (multi-speaker dialogue into a stored file)
+    "csm_voice_api.api.queue",  # /v1/queue/{route}/... (durable jobs; worker started by its lifespan)
     "csm_voice_api.api.audio_files",  # /v1/audio/{filename}: keep last (catch-all under /v1/audio)
 )
 # ---------------------------------------------------------------------------------------------

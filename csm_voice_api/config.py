@@ -153,7 +153,8 @@ class Settings(BaseSettings):
     def sampling(self) -> Sampling:
         from csm_voice_api.engine.types import Sampling
 
-        return Sampling(temperature=self.temperature, topk=self.topk, max_audio_ms=self.max_output_ms)
+        return Sampling(temperature=self.temperature, topk=self.topk, top_p=self.top_p,
+                        repetition_penalty=self.repetition_penalty, max_audio_ms=self.max_output_ms)
 
     # ---- Real-time sessions (/v1/streaming-session, /v1/ws/stream-text, /v1/stream-text) ----
     # Owned by the sessions helper; read by csm_voice_api/api/sessions.py.
@@ -196,3 +197,39 @@ class Settings(BaseSettings):
     @property
     def voices_dir(self) -> Path:
         return self.data_dir / "voices"
+
+    # ---- Compatibility routes, scenes, job queue, remote audio (api/compat.py, scenes.py, queue.py, jobs/) ----
+    # Default nucleus (top-p) sampling mass when a request gives none; 1.0 turns it off.
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # Default repetition penalty on recently generated audio codes; 1.0 turns it off.
+    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0)
+    # Most turns one scene may have.
+    scene_max_turns: int = Field(64, ge=1)
+    # Queued jobs run at once; 0 accepts and stores jobs but runs none (maintenance).
+    queue_workers: int = Field(1, ge=0)
+    # Queued (not yet started) jobs accepted at once; more answer 429.
+    queue_max_pending: int = Field(1000, ge=1)
+    # Webhook deliveries tried per finished job before giving up.
+    webhook_max_attempts: int = Field(5, ge=1, le=20)
+    # Delay before the first webhook retry, in seconds; it doubles per attempt up to webhook_backoff_max_s.
+    webhook_backoff_s: float = Field(1.0, ge=0.0)
+    # Longest delay between webhook retries, in seconds.
+    webhook_backoff_max_s: float = Field(60.0, ge=0.0)
+    # Seconds one webhook POST or one remote audio fetch may take in all.
+    fetch_timeout_s: float = Field(20.0, gt=0)
+    # Most bytes one remote audio fetch (a scene's audio_url) may return.
+    fetch_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # Addresses or networks (comma separated, e.g. "127.0.0.1,10.0.0.0/8") that audio_url fetches
+    # and webhooks may reach besides public internet addresses; empty: public addresses only.
+    fetch_allow_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("fetch_allow_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [h.strip() for h in v.split(",") if h.strip()]
+        return v
+
+    @property
+    def jobs_db(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
