@@ -50,6 +50,7 @@ API_ROUTERS = (
     "csm_voice_api.api.compat",  # /generate_audio, /generate (other CSM servers' routes)
     "csm_voice_api.api.scenes",  # /v1/scene (multi-speaker dialogue into a stored file)
     "csm_voice_api.api.queue",  # /v1/queue/{route}/... (durable jobs; worker started by its lifespan)
+    "csm_voice_api.api.youtube",  # /v1/audio/speech/voice-cloning/youtube (yt-dlp, optional)
     "csm_voice_api.api.audio_files",  # /v1/audio/{filename}: keep last (catch-all under /v1/audio)
 )
 # ---------------------------------------------------------------------------------------------

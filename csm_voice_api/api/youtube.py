@@ -11,6 +11,7 @@ response says so.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,12 @@ class YoutubeVoiceOut(VoiceOut):
     transcript_source: str  # "request", "asr" or "none"
 
 
-@router.post("/v1/audio/speech/voice-cloning/youtube", response_model=None)
+def _has_yt_dlp() -> bool:
+    return importlib.util.find_spec("yt_dlp") is not None
+
+
+# Listed in the OpenAPI schema only where it can work; without yt-dlp it still answers (501).
+@router.post("/v1/audio/speech/voice-cloning/youtube", response_model=None, include_in_schema=_has_yt_dlp())
 async def clone_from_youtube(body: YoutubeCloneRequest, conn: HTTPConnection,
                              settings: Settings = Depends(get_settings)) -> YoutubeVoiceOut | JSONResponse:  # fmt: skip
     try:
