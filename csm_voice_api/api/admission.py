@@ -1,9 +1,10 @@
 """Admission control, slow-client drops and graceful shutdown.
 
-`AdmissionMiddleware` counts generations in flight (every POST under /v1 but the ticket route:
-speech, voice-clone, stream-text, session and voice creation) and refuses one over capacity with
-429 + Retry-After before its body is parsed, decoded or sent to the engine. The count drops when the
-response ends, however it ends, so a client that leaves frees its place at once.
+`AdmissionMiddleware` counts generations in flight (every POST under /v1 and /api/v1 but the
+ticket route: speech, voice-clone, stream-text, conversation, session and voice creation) and
+refuses one over capacity with 429 + Retry-After before its body is parsed, decoded or sent to the
+engine. The count drops when the response ends, however it ends, so a client that leaves frees its
+place at once.
 
 A client that stops reading blocks our `send` (TCP flow control); after `send_timeout_s` its
 send fails like a disconnect, which aborts the engine work and frees the slot.
@@ -41,7 +42,8 @@ class SendTimeout(OSError):
 
 
 def is_generation(scope: Scope) -> bool:
-    return scope["method"] == "POST" and scope["path"].startswith("/v1/") and scope["path"] not in EXEMPT_POSTS
+    path = scope["path"]
+    return scope["method"] == "POST" and path.startswith(("/v1/", "/api/v1/")) and path not in EXEMPT_POSTS
 
 
 class Admission:

@@ -169,7 +169,8 @@ class SecurityMiddleware:
         refusal = self._check(scope, headers)
         if refusal is not None:
             metrics.REJECTIONS.labels(reason=refusal.code).inc()
-            await (self._refuse_ws if scope["type"] == "websocket" else self._refuse_http)(scope, receive, send, refusal)
+            refuse = self._refuse_ws if scope["type"] == "websocket" else self._refuse_http
+            await refuse(scope, receive, send, refusal)
             return
         if scope["type"] == "websocket":
             receive, send = self._ws_guard(headers, receive, send)

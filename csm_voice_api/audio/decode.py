@@ -152,6 +152,8 @@ def _audio_stream(container: av.container.InputContainer) -> av.audio.stream.Aud
         raise UnsupportedMedia("The file has no audio stream.", param="file")
     stream = container.streams.audio[0]
     ctx = stream.codec_context
+    if ctx is None:  # FFmpeg found a stream but no decoder for it (a damaged or exotic header)
+        raise UnsupportedMedia(f"The audio stream cannot be decoded: upload {ACCEPTED}.", param="file")
     if ctx.name not in _CODECS:
         raise UnsupportedMedia(f"Audio codec {ctx.name!r} is not accepted: upload {ACCEPTED}.", param="file")
     _check_rate_channels(ctx.sample_rate, ctx.channels)

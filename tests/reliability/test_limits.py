@@ -134,3 +134,13 @@ async def test_websocket_messages_over_the_limit_close_1009(live_factory, engine
     session = live.app.state.sessions.get(sid)
     await eventually(lambda: session.attached == 0, what="socket released its session")
     assert session.segments == 0 and engine_idle(engine)
+
+
+def test_wav_with_an_unknown_codec_tag_is_415_not_500(live_factory):
+    # Found by the decoder fuzz test: FFmpeg opens such a stream without a codec context.
+    live = live_factory()
+    data = bytearray(wav_bytes(0.5))
+    data[20:22] = (0x1234).to_bytes(2, "little")  # WAVE format tag: no such codec
+    r = httpx.post(live.url + "/v1/voice-clone", data={"text": "Hi."},
+                   files={"audio_file": ("a.wav", bytes(data), "audio/wav")}, timeout=60)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media"
