@@ -312,7 +312,10 @@ class Watermarker:
             carrier, _ = m.stft.transform(x[:, ps:])
             pred = torch.argmax(m.dec_m[0](carrier[:, None])[0, 0], dim=0).cpu().numpy()
             rows = pred[: pred.size // cfg.message_len * cfg.message_len].reshape(-1, cfg.message_len)
-            acc = float(np.mean([np.bincount(col).max() / rows.shape[0] for col in rows.T]))
+            acc = 0.0
+            for col in rows.T:  # summed in get_best_ps's order: the same floats, the same ties
+                acc += np.bincount(col).max() / rows.shape[0]
+            acc /= rows.shape[1]
             if acc > best_acc:
                 best, best_acc = ps, acc
         return best

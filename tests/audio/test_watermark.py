@@ -163,6 +163,42 @@ def test_verify_file_reads_audio_like_verify(wm: Watermarker, tmp_path: Path) ->
         verify_file(io.BytesIO(b"this is not audio" * 100), wm)
 
 
+def test_coarse_phase_search_is_silentcipher_criterion_on_fewer_offsets(wm: Watermarker) -> None:
+    y44 = W._resample(wm.apply(voice_like(1.2, seed=4)), SR, 44_100).astype(np.float64)
+    y = y44 * np.sqrt(wm.model.average_energy_VCTK / np.mean(y44**2))
+    with torch.no_grad():
+        assert wm._coarse_phase_shift(y, 10) == wm.model.get_best_ps(y)  # same offsets: same pick
+        shift = wm._coarse_phase_shift(y, 256)
+    assert shift % 256 == 0 and 0 <= shift < 2048
+
+
+def test_watermarked_is_the_key_or_a_confident_well_formed_message() -> None:
+    key = CSM_1B_PUBLIC_KEY
+    assert WatermarkResult(True, True, 0.3, key).watermarked  # a 40-bit match is proof enough
+    assert WatermarkResult(True, False, 0.95, (1, 2, 3, 4, 5)).watermarked  # another key's mark
+    assert not WatermarkResult(True, False, 0.6, (1, 2, 3, 4, 5)).watermarked  # noise decodes too
+    assert not WatermarkResult(True, False, 1.0, (1, -2, 3, 4, 5)).watermarked  # malformed
+    assert not WatermarkResult(True, False, 1.0, (1, 2, 3)).watermarked
+    assert not WatermarkResult(False, False, None).watermarked
+
+
+def test_search_bounds_and_server_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hfc
+
+    assert W.search_bounds("cuda") == (3.0, 10)
+    assert W.search_bounds("cpu") == (W.CPU_PHASE_SEARCH_S, W.CPU_PHASE_STEP)
+    assert W.CPU_PHASE_SEARCH_S * 44_100 >= W.demo_watermarker().min_verify_samples
+    demo = W.load_watermarker("1,2,3,4,5", "cpu", demo=True)
+    assert demo.key == (1, 2, 3, 4, 5) and demo.key_kind == "private"
+    assert demo.model is W.load_watermarker(None, "cpu", demo=True).model  # built once
+    with pytest.raises(ValueError, match="CSM_WATERMARK_KEY"):
+        W.load_watermarker("1,2", "cpu", demo=True)
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="CSM_WATERMARK=false"):
+        W.load_watermarker(None, "cpu", demo=False)
+
+
 # --- streaming --------------------------------------------------------------------------------
 
 
