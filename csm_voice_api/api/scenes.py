@@ -91,8 +91,8 @@ async def render_scene(
     if len(body.scene) > settings.scene_max_turns:
         raise InvalidInput(f"A scene may have at most {settings.scene_max_turns} turns (CSM_SCENE_MAX_TURNS).",
                            param="scene")  # fmt: skip
-    turns = [(model_speaker_at(t.speaker_id, f"scene[{i}].speaker_id"), checked_text(t.text, limits, f"scene[{i}].text"))
-             for i, t in enumerate(body.scene)]  # fmt: skip
+    turns = [(model_speaker_at(t.speaker_id, f"scene[{i}].speaker_id"),
+              checked_text(t.text, limits, f"scene[{i}].text")) for i, t in enumerate(body.scene)]  # fmt: skip
     sampling = sampling_for(body, settings, limits)
     segments = await context_segments(engine, body.context, settings, limits)
     conv = Conversation(VoicePrompt(segments=segments, speaker=turns[0][0]))
@@ -106,7 +106,8 @@ async def render_scene(
             for j, phrase in enumerate(split_text(text)):
                 if budget_ms < FRAME_MS:
                     return
-                async for chunk in _speak(engine, conv, phrase, speaker, _turn_sampling(sampling, budget_ms, phrase, i, j)):
+                turn_sampling = _turn_sampling(sampling, budget_ms, phrase, i, j)
+                async for chunk in _speak(engine, conv, phrase, speaker, turn_sampling):
                     frames[i] += chunk.frames
                     budget_ms -= chunk.frames * FRAME_MS
                     yield chunk.pcm

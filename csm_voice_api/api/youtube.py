@@ -62,7 +62,7 @@ def _has_yt_dlp() -> bool:
 async def clone_from_youtube(body: YoutubeCloneRequest, conn: HTTPConnection,
                              settings: Settings = Depends(get_settings)) -> YoutubeVoiceOut | JSONResponse:  # fmt: skip
     try:
-        import yt_dlp  # noqa: F401 - optional extra
+        importlib.import_module("yt_dlp")  # the optional extra, imported on first use
     except ImportError:
         return error_response(INSTALL_HINT, status=501, code="youtube_unavailable")
     _check_url(body.youtube_url)

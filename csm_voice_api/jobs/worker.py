@@ -74,39 +74,41 @@ class JobWorker:
 
     async def _run(self, job: Job) -> None:
         handler = self.handlers.get(job.route)
-        outcome: dict = {}
         if handler is None:
-            status, outcome = JobStatus.FAILED, {"error": {"status": 404, "body": error_body(
-                f"No queue route '{job.route}'.", status=404, code="not_found")}}  # fmt: skip
+            status, outcome = JobStatus.FAILED, {"error": failure(404, f"No queue route '{job.route}'.", "not_found")}
         else:
             task = asyncio.create_task(handler(job, lambda f, m: self.store.progress(job.id, f, m)))
             self._running[job.id] = task
             try:
                 status, outcome = JobStatus.COMPLETED, {"result": await task}
             except asyncio.CancelledError:
-                if not task.cancelled() or self.store.get(job.id).status is not JobStatus.CANCELED:  # type: ignore[union-attr]
+                job_now = self.store.get(job.id)
+                if not task.cancelled() or job_now is None or job_now.status is not JobStatus.CANCELED:
                     raise  # the worker itself is stopping
                 return  # canceled by the client: already recorded
             except Overloaded:
                 self.store.requeue(job.id)
                 await asyncio.sleep(OVERLOADED_RETRY_S)
                 return
-            except CsmError as e:
-                status = JobStatus.FAILED
-                outcome = {"error": {"status": status_of(e), "body": error_body(e.message, status=status_of(e),
-                                                                                 param=e.param, code=e.code)}}  # fmt: skip
-            except EngineDead as e:
-                status = JobStatus.FAILED
-                outcome = {"error": {"status": 503, "body": error_body(f"The speech engine has stopped ({e}).",
-                                                                        status=503, code="engine_dead")}}  # fmt: skip
-            except Exception:
-                log.exception("queued job %s failed", job.id)
-                status = JobStatus.FAILED
-                outcome = {"error": {"status": 500, "body": error_body(
-                    "The server had an error while processing your request.", status=500, code="internal_error")}}
+            except Exception as e:  # noqa: BLE001 - every failure is recorded on the job
+                status, outcome = JobStatus.FAILED, {"error": failure_of(e, job.id)}
             finally:
                 self._running.pop(job.id, None)
         if self.store.finish(job.id, status, **outcome) and job.webhook_url and self.webhooks is not None:
             finished = self.store.get(job.id)
             if finished is not None:
                 self.webhooks.deliver(finished)
+
+
+def failure(status: int, message: str, code: str, param: str | None = None) -> dict:
+    """A job's stored error: the status and OpenAI error body the direct request would have got."""
+    return {"status": status, "body": error_body(message, status=status, param=param, code=code)}
+
+
+def failure_of(e: Exception, job_id: str) -> dict:
+    if isinstance(e, CsmError):
+        return failure(status_of(e), e.message, e.code, e.param)
+    if isinstance(e, EngineDead):
+        return failure(503, f"The speech engine has stopped ({e}).", "engine_dead")
+    log.error("queued job %s failed", job_id, exc_info=e)
+    return failure(500, "The server had an error while processing your request.", "internal_error")

@@ -102,7 +102,8 @@ async def test_request_and_server_sampling_reach_the_engine(settings_factory, en
             assert (await c.post("/generate", json={"text": "Hi.", **SHORT})).status_code == 200
             body = {"text": "Hi.", "top_p": 0.9, "repetition_penalty": 1.5, "temperature": 0.3, **SHORT}
             assert (await c.post("/generate", json=body)).status_code == 200
-            assert (await c.post("/generate_audio", json={"text": "Hi.", "temperature": 0.2, **SHORT})).status_code == 200
+            r = await c.post("/generate_audio", json={"text": "Hi.", "temperature": 0.2, **SHORT})
+            assert r.status_code == 200
     got = [(s.top_p, s.repetition_penalty, s.temperature) for s in spy.samplings]
     assert got == [(0.7, 1.2, 0.9), (0.9, 1.5, 0.3), (0.7, 1.2, 0.2)]
 

@@ -69,7 +69,8 @@ async def test_cut_is_stored_as_a_voice(client: httpx.AsyncClient, monkeypatch):
 )
 async def test_bad_requests(client: httpx.AsyncClient, monkeypatch, extra: dict, status: int):
     monkeypatch.setitem(sys.modules, "yt_dlp", fake_yt_dlp(4.0, []))
-    r = await client.post("/v1/audio/speech/voice-cloning/youtube", json={"youtube_url": URL, "voice_name": "v", **extra})
+    body = {"youtube_url": URL, "voice_name": "v", **extra}
+    r = await client.post("/v1/audio/speech/voice-cloning/youtube", json=body)
     assert r.status_code == status, r.text
 
 
