@@ -78,10 +78,12 @@ def sample(logits: Tensor, p: SamplingTensors, codebook: int | Tensor) -> Tensor
     """
     logits = logits.float()
     B, V = logits.shape
-    cb = torch.as_tensor(codebook, device=logits.device)
+    # 1-d, never 0-d: indexing with a 0-d tensor makes PyTorch call .item(), a host sync that
+    # breaks CUDA graph capture.
+    cb = torch.as_tensor(codebook, device=logits.device).reshape(1)
     # Repetition penalty over this codebook's last PENALTY_WINDOW codes (CTRL-style: divide
     # positive logits, multiply negative ones). With penalty 1 the logits stay bit-identical.
-    recent = p.recent.index_select(1, cb.view(1)).squeeze(1)  # [B, W]
+    recent = p.recent.index_select(1, cb).squeeze(1)  # [B, W]
     seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device).scatter_(1, recent, True)[:, :V]
     pen = p.rep_penalty[:, None]
     logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
@@ -100,5 +102,5 @@ def sample(logits: Tensor, p: SamplingTensors, codebook: int | Tensor) -> Tensor
     drawn = order.gather(1, choice[:, None])[:, 0]
     token = torch.where(p.temperature > 0, drawn, greedy)
     rows = torch.arange(B, device=logits.device)
-    p.recent[rows, cb, p.step % p.recent.shape[-1]] = token
+    p.recent[rows, cb.expand(B), p.step % p.recent.shape[-1]] = token
     return token
