@@ -1,10 +1,10 @@
 """Admission control, slow-client drops and graceful shutdown.
 
-`AdmissionMiddleware` counts generations in flight (every POST under /v1 and /api/v1 but the
-ticket route: speech, voice-clone, stream-text, conversation, session and voice creation) and
-refuses one over capacity with 429 + Retry-After before its body is parsed, decoded or sent to the
-engine. The count drops when the response ends, however it ends, so a client that leaves frees its
-place at once.
+`AdmissionMiddleware` counts generations in flight (every POST but the ticket and queue routes:
+speech, voice-clone, stream-text, conversation, scenes, compat /generate, session and voice
+creation) and refuses one over capacity with 429 + Retry-After before its body is parsed, decoded
+or sent to the engine. The count drops when the response ends, however it ends, so a client that
+leaves frees its place at once.
 
 A client that stops reading blocks our `send` (TCP flow control); after `send_timeout_s` its
 send fails like a disconnect, which aborts the engine work and frees the slot.
@@ -32,7 +32,9 @@ from csm_voice_api.errors import Overloaded
 
 log = logging.getLogger(__name__)
 
-EXEMPT_POSTS = frozenset({"/v1/ws-ticket"})
+# POSTs that start no generation now: a ticket, and queue submissions (the queue's worker
+# generates later, within capacity; refusing them would defeat the queue).
+EXEMPT_POSTS = ("/v1/ws-ticket", "/v1/queue/")
 CLOSE_GOING_AWAY = 1001
 RETRY_AFTER_S = 1.0
 
@@ -42,8 +44,7 @@ class SendTimeout(OSError):
 
 
 def is_generation(scope: Scope) -> bool:
-    path = scope["path"]
-    return scope["method"] == "POST" and path.startswith(("/v1/", "/api/v1/")) and path not in EXEMPT_POSTS
+    return scope["method"] == "POST" and not scope["path"].startswith(EXEMPT_POSTS)
 
 
 class Admission:

@@ -7,7 +7,10 @@ import json
 import socket
 
 import httpx
+import pytest
 from websockets.asyncio.client import connect
+
+from csm_voice_api.api.admission import is_generation
 
 from .conftest import engine_idle, eventually, serve
 
@@ -102,3 +105,14 @@ async def test_websocket_client_that_never_reads_is_dropped(engine, tmp_path):
             await eventually(lambda: session.attached == 1, what="socket attached")
             await eventually(lambda: session.attached == 0, timeout=90, what="stalled socket dropped")
             await eventually(lambda: engine_idle(engine), what="engine work aborted")
+
+
+@pytest.mark.parametrize(("method", "path", "admitted"), [
+    ("POST", "/v1/audio/speech", True), ("POST", "/v1/voice-clone", True), ("POST", "/generate", True),
+    ("POST", "/generate_audio", True), ("POST", "/v1/scene", True), ("POST", "/api/v1/audio/conversation", True),
+    ("POST", "/v1/streaming-session", True), ("POST", "/v1/audio/voices", True),
+    ("POST", "/v1/ws-ticket", False), ("POST", "/v1/queue/speech", False), ("GET", "/v1/models", False),
+    ("DELETE", "/v1/streaming-session/x", False),
+])  # fmt: skip
+def test_which_requests_take_a_generation_place(method, path, admitted):
+    assert is_generation({"type": "http", "method": method, "path": path}) is admitted
