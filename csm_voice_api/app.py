@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from csm_voice_api.api import errors, metrics, security
+from csm_voice_api.api import errors, forms, metrics, security
 from csm_voice_api.api.admission import Admission, AdmissionMiddleware
 from csm_voice_api.api.audio_files import OutputStore
 from csm_voice_api.api.audio_out import WatermarkScope
@@ -23,12 +23,6 @@ if TYPE_CHECKING:
     from csm_voice_api.engine.engine import AsyncEngine
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------
-# Multipart parsing limits (Starlette's defaults are 1000 files and 1000 fields): uploads carry
-# one clip and a few form fields. max_part_size bounds each non-file field; files are bounded by
-# CSM_MAX_BODY_BYTES and CSM_MAX_UPLOAD_BYTES.
-FORM_LIMITS = {"max_files": 2, "max_fields": 32, "max_part_size": 64 * 1024}
 
 # ROUTERS: each entry is a module exposing `router`. Adding a feature's routes is one line here.
 # Order matters where paths overlap: /v1/audio/voices must come before /v1/audio/{filename}.
@@ -90,7 +84,7 @@ def build_app(
             if owned:
                 await eng.shutdown()
 
-    app = FastAPI(title="csm-voice-api", version=_version(), lifespan=lifespan, form_limits=FORM_LIMITS)
+    app = FastAPI(title="csm-voice-api", version=_version(), lifespan=lifespan)
     app.state.settings = settings
     app.state.limits = settings.limits()
     app.state.security = security.build_policy(settings)
@@ -98,8 +92,9 @@ def build_app(
     errors.install(app)
     for name in (*PUBLIC_ROUTERS, *API_ROUTERS):
         app.include_router(importlib.import_module(name).router)
-    # Outermost last: CORS (answers preflights) -> auth/rate limits -> admission -> body limit -> routes.
+    # Outermost last: CORS (answers preflights) -> auth/rate limits -> admission -> body limit -> form limits -> routes.
     app.add_middleware(WatermarkScope)  # the app's watermark is every request's default
+    app.add_middleware(forms.FormLimit)  # multipart limits (Starlette's defaults: 1000 files and fields)
     app.add_middleware(errors.BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AdmissionMiddleware, admission=app.state.admission)
     app.add_middleware(security.SecurityMiddleware, policy=app.state.security)
