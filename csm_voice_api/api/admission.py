@@ -23,6 +23,7 @@ import signal
 from collections.abc import Callable
 from types import FrameType
 
+import anyio
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -106,7 +107,9 @@ class AdmissionMiddleware:
         adm.inflight += 1
         try:
             await self.app(scope, receive, _timed(send, adm.send_timeout_s))
-        except* SendTimeout:
+        except BaseException as exc:
+            if not _only_send_timeouts(exc):
+                raise
             log.warning("dropped a client that read nothing for %.0f s (%s)", adm.send_timeout_s, scope["path"])
         finally:
             adm.inflight -= 1
@@ -129,7 +132,7 @@ async def _discard_body(receive: Receive, timeout_s: float) -> None:
     """Read the refused request's body and drop it, chunk by chunk (memory stays flat). Closing a
     socket with unread data makes TCP reset it, and the client would never see our 429."""
     try:
-        async with asyncio.timeout(timeout_s):
+        with anyio.fail_after(timeout_s):
             while True:
                 message = await receive()
                 if message["type"] != "http.request" or not message.get("more_body", False):
@@ -147,7 +150,7 @@ def _shutting_down():
 def _timed(send: Send, timeout_s: float) -> Send:
     async def timed_send(message: Message) -> None:
         try:
-            async with asyncio.timeout(timeout_s):
+            with anyio.fail_after(timeout_s):
                 await send(message)
         except TimeoutError:
             raise SendTimeout(f"the client read nothing for {timeout_s:.0f} s") from None
@@ -210,8 +213,9 @@ class _Socket:
             return
         self._closed.set()  # first: the app's pending receive returns a disconnect now
         try:
-            async with asyncio.timeout(1.0), self._lock:
-                await self._send({"type": "websocket.close", "code": CLOSE_GOING_AWAY, "reason": reason})
+            with anyio.fail_after(1.0):  # asyncio.timeout needs Python 3.11
+                async with self._lock:
+                    await self._send({"type": "websocket.close", "code": CLOSE_GOING_AWAY, "reason": reason})
         except (OSError, TimeoutError, RuntimeError):
             pass  # already gone, or never accepted
 
@@ -246,3 +250,14 @@ class GracefulServer(uvicorn.Server):
             await self.admission.drain(self.grace_s)
         finally:
             self.should_exit = True
+
+
+def _only_send_timeouts(exc: BaseException) -> bool:
+    """A SendTimeout, or an exception group (task groups wrap errors) made only of them.
+
+    Written out because `except*` needs Python 3.11 and we support 3.10.
+    """
+    if isinstance(exc, SendTimeout):
+        return True
+    inner = getattr(exc, "exceptions", None)
+    return isinstance(inner, (list, tuple)) and bool(inner) and all(_only_send_timeouts(e) for e in inner)

@@ -14,7 +14,8 @@ from csm_voice_api.api import metrics
 from csm_voice_api.api.audio_files import OutputStore
 from csm_voice_api.api.deps import get_engine, get_limits, get_outputs, get_settings
 from csm_voice_api.api.models import CONTENT_TYPES
-from csm_voice_api.api.sessions import reference_prompt, respond_stream
+from csm_voice_api.api.sessions import reference_prompt
+from csm_voice_api.api.streaming import respond_stream
 from csm_voice_api.api.speech_job import SpeechJob, split_text
 from csm_voice_api.config import Limits, Settings
 from csm_voice_api.engine.types import Sampling

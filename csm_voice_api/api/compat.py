@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from csm_voice_api.api.deps import get_engine, get_limits, get_settings
-from csm_voice_api.api.speech import _respond
+from csm_voice_api.api.streaming import respond_stream
 from csm_voice_api.api.speech_job import SpeechJob, split_text
 from csm_voice_api.api.voices import checked_text
 from csm_voice_api.audio.encode import wav_header
@@ -110,7 +110,7 @@ async def generate(
 ) -> Response:
     job = _job(engine, body.text, body.speaker, body, settings, limits)
     if body.streaming:
-        return await _respond(job.run(), "audio/wav")
+        return await respond_stream(job.run(), "audio/wav")
     data = await whole_wav(job)
     headers = {"X-Audio-Frames": str(job.frames), "X-Stop-Reason": job.stop_reason or ""}
     return Response(data, media_type="audio/wav", headers=headers)

@@ -11,12 +11,12 @@ from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import Response, StreamingResponse
+from fastapi import APIRouter, Depends, FastAPI, File, Form, UploadFile
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import HTTPConnection
-from starlette.types import Receive, Scope, Send
 
+from csm_voice_api.api.streaming import respond_stream
 from csm_voice_api.api.audio_out import response_watermark, watermarked
 from csm_voice_api.api.deps import get_engine, get_limits, get_settings
 from csm_voice_api.api.speech_job import turn_cap_ms
@@ -187,35 +187,3 @@ async def _phrases_pcm(
                     yield chunk.pcm
 
 
-async def respond_stream(chunks: AsyncIterator[bytes], media_type: str) -> Response:
-    """A streamed response that starts once the first bytes exist, so errors raised before any
-    audio (no slot, context overflow, unknown session) still get their status code."""
-    try:
-        first = await anext(chunks)
-    except StopAsyncIteration:
-        first = b""
-    except BaseException:
-        await chunks.aclose()  # type: ignore[attr-defined]
-        raise
-    return _ClosingStream(_prepend(first, chunks), media_type=media_type)
-
-
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    try:
-        if first:
-            yield first
-        async for b in rest:
-            if b:
-                yield b
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]
-
-
-class _ClosingStream(StreamingResponse):
-    """Closes its generator when the response ends: a client that left aborts the engine work now."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]

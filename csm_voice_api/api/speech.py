@@ -11,10 +11,10 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import Response
 
 from csm_voice_api.api import metrics
+from csm_voice_api.api.streaming import respond_stream
 from csm_voice_api.api.deps import get_engine, get_limits, get_settings
 from csm_voice_api.api.errors import error_body, status_of
 from csm_voice_api.api.models import (
@@ -69,7 +69,7 @@ async def create_speech(
     )
     metrics.REQUESTS.labels(route="speech").inc()
     if body.stream_format == "sse":
-        return await _respond(_sse(job), "text/event-stream")
+        return await respond_stream(_sse(job), "text/event-stream")
     if not body.stream:
         async with aclosing(job.run()) as chunks:
             data = b"".join([b async for b in chunks])
@@ -77,7 +77,7 @@ async def create_speech(
             data = wav_header(SAMPLE_RATE, (len(data) - 44) // 2) + data[44:]
         headers = {"X-Audio-Frames": str(job.frames), "X-Stop-Reason": job.stop_reason or ""}
         return Response(data, media_type=CONTENT_TYPES[body.response_format], headers=headers)
-    return await _respond(job.run(), CONTENT_TYPES[body.response_format])
+    return await respond_stream(job.run(), CONTENT_TYPES[body.response_format])
 
 
 def _checked_input(text: str, limits: Limits) -> str:
@@ -105,40 +105,6 @@ def _sampling(body: SpeechRequest, settings: Settings, limits: Limits) -> Sampli
         seed=body.seed,
         max_audio_ms=max_ms,
     )
-
-
-async def _respond(chunks: AsyncIterator[bytes], media_type: str) -> Response:
-    # Wait for the first piece before answering, so errors the engine raises up front (no slot,
-    # context overflow) still get their status code instead of a broken 200 stream.
-    try:
-        first = await anext(chunks)
-    except StopAsyncIteration:
-        first = b""
-    except BaseException:
-        await chunks.aclose()  # type: ignore[attr-defined]
-        raise
-    return _ClosingStream(_prepend(first, chunks), media_type=media_type)
-
-
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    try:
-        if first:
-            yield first
-        async for b in rest:
-            yield b
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]
-
-
-class _ClosingStream(StreamingResponse):
-    """Closes its generator as soon as the response ends, so a client that left aborts the engine
-    work now rather than whenever the generator is garbage collected."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 async def _sse(job: SpeechJob) -> AsyncIterator[bytes]:

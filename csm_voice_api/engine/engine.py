@@ -27,7 +27,7 @@ import torch
 from ..errors import EngineDead, Overloaded
 from .runner import ModelRunner
 from .scheduler import Planner, PrefillPiece, Request, Scheduler, Status
-from .types import AudioChunk, Conversation, Sampling, Segment
+from .types import AudioChunk, Conversation, Sampling
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
+import anyio
 import httpx
 
 from csm_voice_api.errors import InputTooLong, InvalidInput
@@ -79,7 +80,7 @@ async def fetch(
 ) -> Fetched:
     """GET `url` under the rules above. Raises UnsafeURL, FetchError, InputTooLong (over max_bytes)."""
     try:
-        async with asyncio.timeout(timeout_s):
+        with anyio.fail_after(timeout_s):
             async with httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=timeout_s) as client:
                 for _ in range(max_redirects + 1):
                     response = await _get(client, url, max_bytes, resolver, is_allowed, param)

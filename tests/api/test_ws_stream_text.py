@@ -6,12 +6,20 @@ import asyncio
 import json
 import re
 
+import anyio
 import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from .test_sessions_support import FRAME, Received, receive_until, reference, serve, wav_samples
+from .test_sessions_support import (
+    FRAME,
+    Received,
+    receive_until,
+    reference,
+    serve,
+    wav_samples,
+)
 
 PARAGRAPH = "Hello there, my good friend. This is a streaming test, sent one token at a time. Goodbye for now."
 PHRASES = ["Hello there, my good friend.", "This is a streaming test,", "sent one token at a time.", "Goodbye for now."]
@@ -29,7 +37,7 @@ def ws_url(live, session_id: str) -> str:
 
 
 async def wait_idle(engine, timeout: float = 30) -> None:
-    async with asyncio.timeout(timeout):
+    with anyio.fail_after(timeout):
         while engine.stats()["active"] or engine.stats()["queued"]:
             await asyncio.sleep(0.02)
 

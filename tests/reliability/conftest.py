@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -106,7 +107,7 @@ def live_factory(engine: AsyncEngine, tmp_path: Path) -> Iterator[Callable[..., 
 async def eventually(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
     """Poll `check` until true; fail after `timeout` seconds (a bound, not a measurement)."""
     try:
-        async with asyncio.timeout(timeout):
+        with anyio.fail_after(timeout):
             while not check():
                 await asyncio.sleep(0.02)
     except TimeoutError:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
+import anyio
 import httpx
 import pytest
 from websockets.asyncio.client import connect
@@ -123,7 +123,7 @@ async def test_websocket_origins(keyed):
 
 
 async def _until_done(ws) -> bool:
-    async with asyncio.timeout(60):
+    with anyio.fail_after(60):
         while True:
             msg = await ws.recv()
             if isinstance(msg, str) and json.loads(msg)["type"] == "done":

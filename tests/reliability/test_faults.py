@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import anyio
 import httpx
 import pytest
 import torch
@@ -105,7 +106,7 @@ async def test_engine_crash_turns_health_red_and_closes_sockets_1011(doomed_engi
         async with connect(f"{live.ws_url}/v1/ws/stream-text/{sid}") as ws:
             await ws.send(json.dumps({"text_chunk": "Hello there.", "is_final": True}))
             with pytest.raises(ConnectionClosed) as e:
-                async with asyncio.timeout(60):
+                with anyio.fail_after(60):
                     while True:
                         await ws.recv()
         assert e.value.rcvd is not None and e.value.rcvd.code == 1011

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -11,6 +10,7 @@ import tempfile
 import wave
 from pathlib import Path
 
+import anyio
 import httpx
 import numpy as np
 import pytest
@@ -127,7 +127,7 @@ async def test_websocket_messages_over_the_limit_close_1009(live_factory, engine
     async with connect(f"{live.ws_url}/v1/ws/stream-text/{sid}") as ws:
         await ws.send(json.dumps({"text_chunk": "x" * 4000}))
         with pytest.raises(ConnectionClosed) as e:
-            async with asyncio.timeout(30):
+            with anyio.fail_after(30):
                 while True:
                     await ws.recv()
     assert e.value.rcvd is not None and e.value.rcvd.code == 1009

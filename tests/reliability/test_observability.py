@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import anyio
 import httpx
 from websockets.asyncio.client import connect
 
@@ -40,7 +41,7 @@ async def test_metrics_cover_sessions_queue_frames_ttfa_and_rejections(live_fact
     frames_before = metric(httpx.get(live.url + "/metrics").text, "csm_frames_total")
     async with connect(f"{live.ws_url}/v1/ws/stream-text/{sid}") as ws:
         await ws.send(json.dumps({"text_chunk": "Hi there.", "is_final": True}))
-        async with asyncio.timeout(60):
+        with anyio.fail_after(60):
             while not (isinstance(m := await ws.recv(), str) and json.loads(m)["type"] == "done"):
                 pass
         text = httpx.get(live.url + "/metrics").text

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 
+import anyio
 import httpx
 import pytest
 from websockets.asyncio.client import connect
@@ -63,7 +63,7 @@ async def test_websocket_disconnect_aborts_within_a_chunk(live_factory, engine):
     sid = live.open_session()
     async with connect(f"{live.ws_url}/v1/ws/stream-text/{sid}") as ws:
         await ws.send(json.dumps({"text_chunk": LONG, "is_final": True}))
-        async with asyncio.timeout(60):
+        with anyio.fail_after(60):
             while not isinstance(await ws.recv(), bytes):
                 pass
         at_close = engine.stats()["frames_total"]

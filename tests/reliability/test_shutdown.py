@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -12,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from websockets.asyncio.client import connect
@@ -56,7 +56,7 @@ def server(tmp_path: Path):
 async def _read_ws(ws, events: list) -> int | None:
     """Read until the server closes; returns its close code."""
     try:
-        async with asyncio.timeout(90):
+        with anyio.fail_after(90):
             while True:
                 msg = await ws.recv()
                 if isinstance(msg, str):
