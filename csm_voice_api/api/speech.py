@@ -101,9 +101,10 @@ def _sampling(body: SpeechRequest, settings: Settings, limits: Limits) -> Sampli
     return Sampling(
         temperature=settings.temperature if body.temperature is None else body.temperature,
         topk=settings.topk if body.topk is None else body.topk,
-        top_p=1.0 if body.top_p is None else body.top_p,
+        top_p=settings.top_p if body.top_p is None else body.top_p,
         seed=body.seed,
         max_audio_ms=max_ms,
+        repetition_penalty=settings.repetition_penalty,  # a server default (serve --repetition_penalty)
     )
 
 
