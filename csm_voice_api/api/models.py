@@ -6,17 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ResponseFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
-RESPONSE_FORMATS: tuple[str, ...] = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+from csm_voice_api.audio.encode import CONTENT_TYPES, FORMATS  # noqa: F401 - re-exported
 
-CONTENT_TYPES: dict[str, str] = {
-    "mp3": "audio/mpeg",
-    "opus": "audio/ogg",
-    "aac": "audio/aac",
-    "flac": "audio/flac",
-    "wav": "audio/wav",
-    "pcm": "audio/pcm",
-}
+ResponseFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
+# The encoders own the list of formats and their content types; the API re-exports them.
+RESPONSE_FORMATS: tuple[str, ...] = FORMATS
 
 
 class VoiceRef(BaseModel):
