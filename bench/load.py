@@ -21,6 +21,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
+import anyio
 import httpx
 from websockets.asyncio.client import connect
 
@@ -124,7 +125,7 @@ async def _ws_turn(ws, phrase: str) -> Utterance:  # noqa: ANN001 - a websockets
     play = Playback()
     await ws.send(json.dumps({"text_chunk": phrase, "is_final": True}))
     status = "ok"
-    async with asyncio.timeout(120):
+    with anyio.fail_after(120):
         while True:
             msg = await ws.recv()
             if isinstance(msg, bytes):

@@ -6,7 +6,6 @@ rarely emits its end frame, stops after a few frames.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import socket
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import anyio
 import av
 import httpx
 import numpy as np
@@ -95,7 +95,7 @@ class Received:
 
 async def receive_until(ws, received: Received, kind: str = "done", timeout: float = 120) -> Received:
     """Read frames (binary audio, JSON events) into `received` until an event of `kind` arrives."""
-    async with asyncio.timeout(timeout):
+    with anyio.fail_after(timeout):
         while True:
             msg = await ws.recv()
             if isinstance(msg, bytes):

@@ -189,12 +189,29 @@ async def test_other_formats_stream_one_decodable_file_per_turn(live, decode_aud
     assert abs(audio.samples_24k - got.frames * FRAME) <= codec_slack[fmt]
 
 
+
+class Barrier:
+    """A cyclic barrier for n tasks (asyncio.Barrier needs Python 3.11)."""
+
+    def __init__(self, n: int):
+        self.n, self.count, self.event = n, 0, asyncio.Event()
+
+    async def wait(self) -> None:
+        event = self.event
+        self.count += 1
+        if self.count == self.n:
+            self.count, self.event = 0, asyncio.Event()
+            event.set()
+        else:
+            await event.wait()
+
+
 async def test_two_sessions_with_different_voices_interleave_without_mixing(live):
     texts = {"a": ["Alpha speaks first here.", "Alpha speaks again now."],
              "b": ["Bravo has other words.", "Bravo finishes the talk."]}  # fmt: skip
     voices = {"a": reference(freq=300.0), "b": reference(freq=900.0)}
 
-    async def speak(sid: str, phrases: list[str], barrier: asyncio.Barrier | None) -> bytes:
+    async def speak(sid: str, phrases: list[str], barrier: Barrier | None) -> bytes:
         async with connect(ws_url(live, sid)) as ws:
             got = Received()
             for i, phrase in enumerate(phrases):
@@ -208,7 +225,7 @@ async def test_two_sessions_with_different_voices_interleave_without_mixing(live
 
     alone = await speak(live.open_session(voices["a"]), texts["a"], None)
     sid_a, sid_b = live.open_session(voices["a"]), live.open_session(voices["b"])
-    barrier = asyncio.Barrier(2)
+    barrier = Barrier(2)
     a, b = await asyncio.gather(speak(sid_a, texts["a"], barrier), speak(sid_b, texts["b"], barrier))
 
     sessions = live.app.state.sessions

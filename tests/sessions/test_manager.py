@@ -4,16 +4,22 @@ turns that continue a session, and sessions that do not share state."""
 from __future__ import annotations
 
 import asyncio
-from contextlib import aclosing
 from collections.abc import Iterator
+from contextlib import aclosing
 
+import anyio
 import numpy as np
 import pytest
 import torch
 
 from csm_voice_api.engine.engine import AsyncEngine, EngineConfig
 from csm_voice_api.engine.types import FRAME_SAMPLES, Sampling, Segment, VoicePrompt
-from csm_voice_api.errors import InvalidInput, Overloaded, SessionNotFound, VoiceNotFound
+from csm_voice_api.errors import (
+    InvalidInput,
+    Overloaded,
+    SessionNotFound,
+    VoiceNotFound,
+)
 from csm_voice_api.sessions.manager import (
     SessionConfig,
     SessionManager,
@@ -58,7 +64,7 @@ async def speak(manager: SessionManager, session, text: str) -> np.ndarray:
 
 
 async def until(predicate, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
+    with anyio.fail_after(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
 
