@@ -70,7 +70,6 @@ class Request:
     frames: list[np.ndarray] = field(default_factory=list)  # codes [K] per generated frame
     pcm: list[np.ndarray] = field(default_factory=list)  # not yet delivered
     pcm_frames: int = 0
-    steps: int = 0  # decode steps this row took part in
     final: Status | None = None  # how it ends, once known
 
 
@@ -251,7 +250,6 @@ class Scheduler:
         for slot, req in list(self.running.items()):
             if slot >= B or req.status not in _DECODING:
                 continue
-            req.steps += 1
             if req.status is Status.CLOSING:
                 self._finish(req, req.final)
                 done.append(req)
