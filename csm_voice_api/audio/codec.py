@@ -111,7 +111,7 @@ class MimiCodec:
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         """codes [K, T] -> float32 mono samples, T * 1920 of them."""
         self._check_codes(codes, 2)
-        pcm = self.model.decode(codes.to(self.device, torch.int64)[None])  # [1, 1, T * 1920]
+        pcm = self.model.decode(_mimi_ids(codes, self.device)[None])  # [1, 1, T * 1920]
         return pcm[0, 0].float().cpu().numpy()
 
     @contextmanager
@@ -155,7 +155,7 @@ class StreamingDecoder:
             )
         active = active.to(self.device, torch.bool)
         self._model.set_exec_mask(active)
-        pcm = self._model.decode(codes.to(self.device, torch.int64)[:, :, None])  # [B, 1, 1920]
+        pcm = self._model.decode(_mimi_ids(codes, self.device)[:, :, None])  # [B, 1, 1920]
         pcm = pcm[:, 0].float()
         return torch.where(active[:, None], pcm, torch.zeros_like(pcm))
 
@@ -163,6 +163,12 @@ class StreamingDecoder:
     def reset(self, rows: torch.Tensor) -> None:
         """Forget everything rows[b] == True have decoded: their next frame starts a new stream."""
         self._model.reset_streaming(rows.to(self.device, torch.bool))
+
+
+def _mimi_ids(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # CSM's audio vocab (2051) has ids past Mimi's 2048 entries; trained weights never emit them
+    # in speech, random ones do. Clamped here, for every decode path alike; the model keeps its own.
+    return codes.to(device, torch.int64).clamp(max=CARDINALITY - 1)
 
 
 def _randomize_codebooks(model: MimiModel) -> None:

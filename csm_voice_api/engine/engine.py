@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import random
 import threading
-import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
@@ -54,7 +52,6 @@ class CodecLanes:
     """
 
     EDGES = (8, 64, 256, 1024)
-    CODEBOOK_SIZE = 2048
 
     def __init__(self, codec: Any, max_batch: int, stack: contextlib.ExitStack):
         edges = [0] + [e for e in self.EDGES if e < max_batch] + [max_batch]
@@ -64,9 +61,6 @@ class CodecLanes:
 
     def step(self, codes: torch.Tensor, audible: torch.Tensor, bucket: int) -> torch.Tensor:
         """codes [MB, K], audible [MB] -> pcm [bucket, 1920]; rows past the bucket are untouched."""
-        # CSM's vocab (2051) has ids past Mimi's 2048 entries; trained weights never emit them in
-        # speech, random ones do. The model keeps its own codes; only the codec sees a clamp.
-        codes = codes.clamp(max=self.CODEBOOK_SIZE - 1)
         for a, b, dec in self.lanes:
             if a >= bucket:
                 break
@@ -147,11 +141,8 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._ids = itertools.count()
         self.frames_total = 0
         self.steps_total = 0
-        self.started_at = time.time()
-        self.on_step: Callable[[int, int], None] | None = None  # (rows, frames) hook for metrics
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -402,5 +393,3 @@ class AsyncEngine:
         frames = int(audible_h.sum())
         self.frames_total += frames
         self.steps_total += 1
-        if self.on_step is not None:
-            self.on_step(bucket, frames)
