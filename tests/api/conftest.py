@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +21,8 @@ import pytest
 from csm_voice_api.app import build_app
 from csm_voice_api.config import Settings
 from csm_voice_api.engine.engine import AsyncEngine, EngineConfig
+
+from ..live import uvicorn_thread
 
 
 @pytest.fixture(scope="session")
@@ -89,23 +88,9 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def live_server(engine: AsyncEngine, tmp_path_factory) -> Iterator[LiveServer]:
     """uvicorn on 127.0.0.1 on a free port, in a thread, sharing the session engine."""
-    import uvicorn
-
     app = build_app(make_settings(tmp_path_factory.mktemp("live")), engine)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield LiveServer(f"http://127.0.0.1:{port}", app)
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
+    with uvicorn_thread(app) as url:
+        yield LiveServer(url, app)
 
 
 @pytest.fixture

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +21,7 @@ from csm_voice_api.app import build_app
 from csm_voice_api.engine.engine import AsyncEngine
 
 from ..audio.media import make_file, tone
+from ..live import uvicorn_thread
 from .conftest import make_settings
 
 FRAME = 1920
@@ -60,24 +58,9 @@ class Live:
 @contextmanager
 def serve(engine: AsyncEngine, tmp_path, **settings: object) -> Iterator[Live]:
     """uvicorn on 127.0.0.1 (a free port) in a thread, with these settings, sharing `engine`."""
-    import uvicorn
-
     app = build_app(make_settings(tmp_path, **settings), engine)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield Live(f"http://127.0.0.1:{sock.getsockname()[1]}", app)
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    with uvicorn_thread(app) as url:
+        yield Live(url, app)
 
 
 @dataclass

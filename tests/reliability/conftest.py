@@ -6,9 +6,6 @@ Every wait in this suite is a bounded poll (`eventually`); nothing asserts on el
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +18,8 @@ import pytest
 from csm_voice_api.app import build_app
 from csm_voice_api.config import Settings
 from csm_voice_api.engine.engine import AsyncEngine, EngineConfig
+
+from ..live import uvicorn_thread
 
 KEY = "sk-test-0123456789abcdef"
 OTHER_KEY = "sk-other-fedcba9876543210"
@@ -64,29 +63,10 @@ class Live:
 @contextmanager
 def serve(engine: AsyncEngine | None, data_dir: Path, *, sndbuf: int | None = None,
           ws_max_size: int = 16 * 1024 * 1024, **settings: object) -> Iterator[Live]:
-    """uvicorn on 127.0.0.1 (a free port) in a thread. `sndbuf` shrinks the server's socket send
-    buffers, so a client that stops reading stalls the server after a few kilobytes."""
-    import uvicorn
-
+    """uvicorn on 127.0.0.1 (a free port) in a thread; `sndbuf` as in tests/live.py."""
     app = build_app(make_settings(data_dir, **settings), engine)
-    sock = socket.socket()
-    if sndbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)  # accepted sockets inherit it
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=ws_max_size)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield Live(f"http://127.0.0.1:{sock.getsockname()[1]}", app)
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    with uvicorn_thread(app, sndbuf=sndbuf, ws_max_size=ws_max_size) as url:
+        yield Live(url, app)
 
 
 @pytest.fixture
