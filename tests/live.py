@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
 
 
 @contextmanager
@@ -32,3 +38,41 @@ def uvicorn_thread(app: object, *, sndbuf: int | None = None, **config: object) 
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def cli_server(data_dir: Path, **env: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`python -m csm_voice_api serve` on the demo model in a subprocess, yielded once /ready
+    answers 200 (for tests that kill or signal the process). `env` adds CSM_* settings."""
+    port = free_port()
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "CSM_DATA_DIR": str(data_dir), "CSM_WATERMARK": "false",
+                **env}  # fmt: skip
+    cmd = [sys.executable, "-m", "csm_voice_api", "serve", "--model", "demo", "--device", "cpu",
+           "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=data_dir, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,43 +11,17 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..live import cli_server
+
 LONG_SCENE = {"scene": [{"text": f"This is line number {i} of the scene.", "speaker_id": i % 2} for i in range(8)],
               "seed": 4, "max_audio_length_ms": 12_000}  # fmt: skip
 SPEECH = {"input": "Hello there.", "voice": "alloy", "response_format": "wav", "seed": 1, "max_audio_length_ms": 400}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def server(data_dir: Path, **env: str) -> Iterator[tuple[subprocess.Popen, str]]:
-    port = free_port()
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "CSM_DATA_DIR": str(data_dir), "CSM_WATERMARK": "false",
-                "CSM_MAX_BATCH": "2", **env}  # fmt: skip
-    cmd = [sys.executable, "-m", "csm_voice_api", "serve", "--model", "demo", "--device", "cpu",
-           "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=data_dir, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
+    with cli_server(data_dir, CSM_MAX_BATCH="2", **env) as running:
+        yield running
 
 
 def poll(url: str, until: tuple[str, ...], tries: int = 3000) -> dict:

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import anyio
@@ -17,40 +13,14 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..live import cli_server
 
 
 @pytest.fixture
 def server(tmp_path: Path):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CSM_DATA_DIR": str(tmp_path), "CSM_WATERMARK": "false",
-           "CSM_SHUTDOWN_GRACE_S": "60", "CSM_SESSION_PHRASE_MAX_MS": "2000", "CSM_SESSION_IDLE_FLUSH_S": "0",
-           "CSM_MAX_BATCH": "4"}
-    cmd = [sys.executable, "-m", "csm_voice_api", "serve", "--model", "demo", "--device", "cpu",
-           "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
+    with cli_server(tmp_path, CSM_SHUTDOWN_GRACE_S="60", CSM_SESSION_PHRASE_MAX_MS="2000",
+                    CSM_SESSION_IDLE_FLUSH_S="0", CSM_MAX_BATCH="4") as running:  # fmt: skip
+        yield running
 
 
 async def _read_ws(ws, events: list) -> int | None:
