@@ -45,34 +45,74 @@ class EngineConfig:
 
 
 class CodecLanes:
-    """Streaming Mimi decoders over row ranges [0, 8), [8, 64), [64, 256), ...
+    """Streaming Mimi decoders over row ranges [0, 8), [8, 64), [64, 256), ..., on their own CUDA stream.
 
     One decoder over all rows would make a lone stream pay for every row's Mimi state; lanes
-    let a step decode only the ranges below its bucket, at most a few calls per frame.
+    let a step decode only the ranges below its bucket, at most a few calls per frame. On CUDA
+    a frame's decode runs on a second stream while the next decode step runs on the first:
+    `launch` queues it, `collect` (a step later) waits for it. Inputs and outputs are double
+    buffered, so a queued decode never reads codes or writes pcm that the other side still uses.
     """
 
     EDGES = (8, 64, 256, 1024)
 
-    def __init__(self, codec: Any, max_batch: int, stack: contextlib.ExitStack):
+    def __init__(self, codec: Any, max_batch: int, num_codebooks: int, stack: contextlib.ExitStack):
         edges = [0] + [e for e in self.EDGES if e < max_batch] + [max_batch]
         self.lanes = [(a, b, stack.enter_context(codec.streaming(b - a))) for a, b in zip(edges, edges[1:])]
         self.device = codec.device
-        self.pcm = torch.zeros(max_batch, 1920, device=codec.device)
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.pcm = torch.zeros(max_batch, 1920, device=self.device)
+        self.codes = [torch.zeros(max_batch, num_codebooks, dtype=torch.long, device=self.device) for _ in range(2)]
+        self.audible = [torch.zeros(max_batch, dtype=torch.bool, device=self.device) for _ in range(2)]
+        self.host = [torch.zeros(max_batch, 1920, pin_memory=cuda) for _ in range(2)]
+        self.queued: list[tuple[torch.cuda.Event | None, int] | None] = [None, None]
+        self.turn = 0
+
+    def _on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     def step(self, codes: torch.Tensor, audible: torch.Tensor, bucket: int) -> torch.Tensor:
-        """codes [MB, K], audible [MB] -> pcm [bucket, 1920]; rows past the bucket are untouched."""
+        """Decode now, on the current stream: codes [MB, K], audible [MB] -> pcm [bucket, 1920]."""
         for a, b, dec in self.lanes:
             if a >= bucket:
                 break
             self.pcm[a:b] = dec.step(codes[a:b], audible[a:b])
         return self.pcm[:bucket]
 
+    def launch(self, codes: torch.Tensor, audible: torch.Tensor, bucket: int) -> int:
+        """Queue the decode of this step's frame (rows [0, bucket)); returns the ticket for `collect`."""
+        i = self.turn
+        assert self.queued[i] is None, "collect the previous frame's audio first"
+        self.codes[i][:bucket].copy_(codes[:bucket])  # on the step's stream: ordered after the step
+        self.audible[i][:bucket].copy_(audible[:bucket])
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with self._on_stream():
+            pcm = self.step(self.codes[i], self.audible[i], bucket)
+            self.host[i][:bucket].copy_(pcm, non_blocking=self.stream is not None)
+            event = None
+            if self.stream is not None:
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        self.queued[i], self.turn = (event, bucket), 1 - i
+        return i
+
+    def collect(self, ticket: int) -> np.ndarray:
+        """pcm [bucket, 1920] of a launched frame (valid until the ticket after next is launched)."""
+        event, bucket = self.queued[ticket]
+        self.queued[ticket] = None
+        if event is not None:
+            event.synchronize()
+        return self.host[ticket][:bucket].numpy()
+
     def reset(self, slot: int) -> None:
-        for a, b, dec in self.lanes:
-            if a <= slot < b:
-                rows = torch.zeros(b - a, dtype=torch.bool, device=self.device)
-                rows[slot - a] = True
-                dec.reset(rows)
+        with self._on_stream():  # ordered after frames queued before it, before frames queued after
+            for a, b, dec in self.lanes:
+                if a <= slot < b:
+                    rows = torch.zeros(b - a, dtype=torch.bool, device=self.device)
+                    rows[slot - a] = True
+                    dec.reset(rows)
 
 
 class VoiceKVCache:
@@ -143,6 +183,7 @@ class AsyncEngine:
         self._stopping = False
         self.frames_total = 0
         self.steps_total = 0
+        self._audio_pending: tuple[int, list] | None = None  # (lanes ticket, rows) of the last step's audio
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -289,7 +330,7 @@ class AsyncEngine:
     def _loop(self) -> None:
         try:
             with torch.inference_mode(), contextlib.ExitStack() as stack:
-                self._lanes = CodecLanes(self.codec, self.max_batch, stack)
+                self._lanes = CodecLanes(self.codec, self.max_batch, self.num_codebooks, stack)
                 while not self._stopping:
                     self._drain_inbox()
                     try:
@@ -355,6 +396,9 @@ class AsyncEngine:
         if rows:
             self._decode(r.bucket_for(rows))
             did = True
+        elif self._audio_pending is not None:  # nothing decodes now: hand out the last frame's audio
+            self._collect_audio()
+            did = True
         return did
 
     def _prefill(self, req: Request, piece: PrefillPiece) -> None:
@@ -381,15 +425,26 @@ class AsyncEngine:
         req.status = Status.RUNNING
 
     def _decode(self, bucket: int) -> None:
+        """One frame: the step and its Mimi decode are queued, then the host hands out the previous
+        frame's audio (decoded while this step runs) and reads this step's codes."""
         r = self.runner
         codes, audible = r.step(bucket)
-        pcm = self._lanes.step(r.out, r.audible, bucket)
+        ticket = self._lanes.launch(r.out, r.audible, bucket)
+        self._collect_audio()
         codes_h = codes.cpu().numpy()
         audible_h = audible.cpu().numpy()
-        pcm_h = pcm.cpu().numpy()
-        done = self.scheduler.update(codes_h, audible_h, pcm_h)
+        done = self.scheduler.update(codes_h, audible_h, None)
+        self._audio_pending = (ticket, self.scheduler.awaiting_audio)
         for req in done:
             r.park_row(req.slot)
         frames = int(audible_h.sum())
         self.frames_total += frames
         self.steps_total += 1
+
+    def _collect_audio(self) -> None:
+        if self._audio_pending is not None:
+            ticket, rows = self._audio_pending
+            self._audio_pending = None
+            pcm = self._lanes.collect(ticket)
+            if rows:
+                self.scheduler.audio(rows, pcm)

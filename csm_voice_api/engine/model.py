@@ -132,18 +132,22 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: Tensor, kv: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
         # x: [B, T, D]; rope: [2, B, T, 1, hd]; kv: [2, B, Hkv, S, hd] (this layer's cache rows);
         # pos: [B, T] cache positions to write; mask: [B, 1, T, S] True where attention is allowed.
-        B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
+        return self.wo(self.attend(self.wqkv(x), rope, kv, pos, mask))
+
+    def attend(self, qkv: Tensor, rope: Tensor, kv: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
+        """qkv [B, T, (H + 2 Hkv) hd] -> attention output [B, T, H hd] before wo; writes k, v at pos."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
         q = apply_rope(q.view(B, T, self.n_heads, self.hd), rope[0], rope[1])
         k = apply_rope(k.view(B, T, self.n_kv, self.hd), rope[0], rope[1])
         v = v.view(B, T, self.n_kv, self.hd)
-        rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
+        rows = torch.arange(B, device=qkv.device)[:, None].expand(B, T)
         kv[0, rows, :, pos] = k.to(kv.dtype)  # [B, T, Hkv, hd] scattered to their positions
         kv[1, rows, :, pos] = v.to(kv.dtype)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), kv[0], kv[1], attn_mask=mask, enable_gqa=self.n_heads != self.n_kv
         )  # [B, H, T, hd]
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+        return y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
 
 
 class FeedForward(nn.Module):
@@ -184,12 +188,16 @@ class Transformer(nn.Module):
 
     def forward(self, x: Tensor, pos: Tensor, cache: Tensor) -> Tensor:
         # x: [B, T, D]; pos: [B, T]; cache: [L, 2, B, Hkv, S, hd], its first B rows are these rows.
-        S = cache.shape[-2]
-        rope = self.rope[:, pos].unsqueeze(-2)  # [2, B, T, 1, hd]
-        mask = (torch.arange(S, device=x.device) <= pos[..., None]).unsqueeze(1)  # [B, 1, T, S]
+        rope, mask = self.rope_and_mask(pos, cache.shape[-2])
         for layer, kv in zip(self.layers, cache):
             x = layer(x, rope, kv, pos, mask)
         return self.norm(x)
+
+
+    def rope_and_mask(self, pos: Tensor, S: int) -> tuple[Tensor, Tensor]:
+        """pos [B, T] -> rope [2, B, T, 1, hd] and the causal mask [B, 1, T, S] over S cache positions."""
+        mask = (torch.arange(S, device=pos.device) <= pos[..., None]).unsqueeze(1)
+        return self.rope[:, pos].unsqueeze(-2), mask
 
 
 class CSM(nn.Module):

@@ -54,9 +54,18 @@ class ModelRunner:
         self.buckets = tuple(b for b in BUCKETS if b < max_batch) + (max_batch,)
         self.use_graphs = use_graphs and device.type == "cuda" and not graphs_disabled()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.timings: dict[int, dict[str, float]] = {}  # bucket -> replay ms of each variant tried
         self.codebook_ids = torch.arange(self.K, device=device)  # tensors, so compiled code is not specialised per codebook
         self.compiled = None  # (step_backbone, step_depth, sample) compiled, when asked for on cuda
-        self.variant: dict[int, str] = {}  # bucket -> "compiled" | "plain", whichever replayed faster
+        self.variant: dict[int, str] = {}  # bucket -> one of `variants(bucket)`, whichever replayed fastest
+        self.fused = None  # (backbone, depth) step pieces on our Triton kernels (kernels/), for small buckets
+        if device.type == "cuda":
+            from . import kernels
+
+            if kernels.available():
+                from .kernels.steps import FusedBackbone, FusedDepth
+
+                self.fused = (FusedBackbone(model), FusedDepth(model))
         if compile_requested(compile) and device.type == "cuda":
             # Fuse the thousands of tiny elementwise kernels of a frame. Pieces, not the unrolled frame:
             # a whole-frame compile took minutes per batch size. Automatic dynamic shapes: the first
@@ -119,14 +128,34 @@ class ModelRunner:
         self.cache[:, :, slot, :, : kv.shape[-2]].copy_(kv)
 
     # ---- the decode step -------------------------------------------------------------------
-    def _step(self, B: int, compiled: bool = False) -> None:
+    def variants(self, bucket: int) -> list[str]:
+        """Ways to run this bucket's step: PyTorch; compiled pieces; the depth decoder or both stacks fused."""
+        out = ["plain"] + (["compiled"] if self.compiled is not None else [])
+        if self.fused is not None and bucket <= self.fused[1].max_rows:
+            out += ["fused-depth", "fused"]
+        return out
+
+    def _pieces(self, B: int, variant: str):
+        m = self.model
+        if variant == "plain":
+            return m.step_backbone, m.step_depth, sample
+        backbone, depth, fn = self.compiled or (m.step_backbone, m.step_depth, sample)
+        if B > 1:
+            # Measured on an H200: the compiled backbone is good only where it was compiled static
+            # (batch 1); with the batch dim symbolic it took 13 ms at batch 8 against 2.7 ms plain.
+            backbone = m.step_backbone
+        if variant == "fused":
+            return self.fused[0], self.fused[1], fn
+        return backbone, (self.fused[1] if variant == "fused-depth" else depth), fn
+
+    def _step(self, B: int, variant: str = "plain") -> None:
         K = self.K
         p = self.sampling.rows(B)
         ids = self.codebook_ids
-        backbone, depth, fn = self.compiled if compiled else (None, None, sample)
+        backbone, depth, fn = self._pieces(B, variant)
         codes = self.model.frame(
             self.tokens[:B], self.mask[:B], self.pos[:B], self.cache[:, :, :B], self.dcache[:, :, :B],
-            lambda logits, i: fn(logits, p, ids[i]), steps=(backbone, depth) if compiled else None,
+            lambda logits, i: fn(logits, p, ids[i]), steps=(backbone, depth),
         )
         active, was_finished = self.active[:B], self.finished[:B]
         adv = active & ~was_finished
@@ -150,7 +179,7 @@ class ModelRunner:
             graph = self.graphs.get(bucket) or self._capture(bucket)
             graph.replay()
         else:
-            self._step(bucket, compiled=self.compiled is not None)
+            self._step(bucket, "compiled" if self.compiled is not None else "plain")
         self.audible[bucket:] = False
         return self.out[:bucket], self.audible[:bucket]
 
@@ -164,36 +193,38 @@ class ModelRunner:
             t.copy_(v)
 
     def _capture(self, bucket: int) -> torch.cuda.CUDAGraph:
-        """Capture this bucket's step; with compiled pieces, capture both variants and keep the faster.
+        """Capture this bucket's step in every variant (see `variants`) and keep the fastest replay.
 
         Capturing runs the step on whatever the rows hold: every mutated buffer is restored after.
         Live rows get garbage KV at and after their next position: harmless, since each position is
         rewritten by the real step before anything attends to it.
         """
         saved = self._snapshot()
-        variants = ["plain"] + (["compiled"] if self.compiled is not None else [])
         best: tuple[float, str, torch.cuda.CUDAGraph] | None = None
-        for v in variants:
-            graph = self._capture_variant(bucket, v == "compiled")
-            ms = self._replay_ms(graph)
+        timings = {}
+        for v in self.variants(bucket):
+            graph = self._capture_variant(bucket, v)
+            ms = timings[v] = self._replay_ms(graph)
             self._restore(saved)
             if best is None or ms < best[0]:
                 best = (ms, v, graph)
         torch.cuda.synchronize()
         self.graphs[bucket], self.variant[bucket] = best[2], best[1]
-        log.info("captured decode graph for batch %d (%s, %.2f ms)", bucket, best[1], best[0])
+        self.timings[bucket] = timings
+        log.info("captured decode graph for batch %d: %s; kept %s", bucket,
+                 ", ".join(f"{v} {ms:.2f} ms" for v, ms in timings.items()), best[1])
         return best[2]
 
-    def _capture_variant(self, bucket: int, compiled: bool) -> torch.cuda.CUDAGraph:
+    def _capture_variant(self, bucket: int, variant: str) -> torch.cuda.CUDAGraph:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (compilation, allocator, cuBLAS handles)
-                self._step(bucket, compiled)
+            for _ in range(2):  # warm-up outside the graph (compilation, autotuning, allocator, cuBLAS handles)
+                self._step(bucket, variant)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool()):
-            self._step(bucket, compiled)
+            self._step(bucket, variant)
         return graph
 
     @staticmethod

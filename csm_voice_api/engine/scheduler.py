@@ -147,6 +147,7 @@ class Scheduler:
         self.owners: OrderedDict[int, Conversation] = OrderedDict()  # slot -> warm conversation, LRU order
         self.free: list[int] = list(range(num_slots))
         self.to_close: list[int] = []  # rows the runner must switch to feeding the EOS frame
+        self.awaiting_audio: list[tuple[int, Request]] = []  # (slot, request) of the last update's kept frames
 
     # ---- admission -------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -243,9 +244,13 @@ class Scheduler:
     def update(self, codes: np.ndarray, audible: np.ndarray, pcm: np.ndarray | None) -> list[Request]:
         """Apply one decode step's outputs (codes [B, K], audible [B], pcm [B, 1920]).
 
+        With pcm None the audio comes a step later (the engine decodes Mimi while the next step
+        runs): the rows whose frame was kept are left in `awaiting_audio` for `audio()`. A request
+        finishes at least one update after its last kept frame, so its audio is always in first.
         Returns requests that finished this step (their slots may now be parked).
         """
         done: list[Request] = []
+        self.awaiting_audio = []
         B = codes.shape[0]
         for slot, req in list(self.running.items()):
             if slot >= B or req.status not in _DECODING:
@@ -261,15 +266,26 @@ class Scheduler:
             else:
                 req.frames.append(codes[slot].copy())
                 if pcm is not None:
-                    req.pcm.append(pcm[slot].copy())
-                    req.pcm_frames += 1
-                if req.pcm_frames >= req.chunk_frames:
-                    self._deliver(req, done=False)
+                    self._add_pcm(req, pcm[slot])
+                else:
+                    self.awaiting_audio.append((slot, req))
                 if len(req.frames) >= req.max_frames:
                     # Let the last frame be fed like any other, then feed the EOS frame, so the slot's
                     # KV matches the turn as recorded: text, frames, EOS.
                     req.status, req.final = Status.DRAINING, Status.FINISHED_LENGTH
         return done
+
+    def audio(self, rows: list[tuple[int, Request]], pcm: np.ndarray) -> None:
+        """The decoded pcm [B, 1920] of the frames an earlier update left in `awaiting_audio`."""
+        for slot, req in rows:
+            if not req.status.is_finished:  # aborted or failed meanwhile: nobody is listening
+                self._add_pcm(req, pcm[slot])
+
+    def _add_pcm(self, req: Request, pcm: np.ndarray) -> None:
+        req.pcm.append(pcm.copy())
+        req.pcm_frames += 1
+        if req.pcm_frames >= req.chunk_frames:
+            self._deliver(req, done=False)
 
     def _deliver(self, req: Request, done: bool, reason: str | None = None) -> None:
         pcm = np.concatenate(req.pcm) if req.pcm else np.zeros(0, np.float32)

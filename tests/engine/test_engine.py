@@ -148,3 +148,34 @@ async def test_prompt_that_cannot_fit_is_refused(engine, voice):
     with pytest.raises(ContextOverflow, match="2048-position window"):
         await speak(engine, conv, "Too much audio asked for.", Sampling(max_audio_ms=2048 * 80))
     engine.release(conv)
+
+
+async def _streamed_equals_offline(engine, voice, atol):
+    """Audio handed out frame by frame (Mimi decoded a step behind the codes, on its own CUDA
+    stream there) equals an offline decode of the turn's codes, for several rows at once."""
+    convs = [Conversation(voice) for _ in range(3)]
+    outs = await asyncio.gather(*(speak(engine, c, t, chunk_frames=1) for c, t in
+                                  zip(convs, ["One two three.", "Four.", "Five six seven eight."])))
+    for conv, (chunks, pcm) in zip(convs, outs):
+        offline = engine.codec.decode(conv.turns[-1].codes)
+        assert len(pcm) == len(offline) > 0
+        np.testing.assert_allclose(pcm, offline, atol=atol)
+        engine.release(conv)
+
+
+async def test_streamed_audio_equals_offline_decode(engine, voice):
+    await _streamed_equals_offline(engine, voice, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_streamed_audio_equals_offline_decode_cuda():
+    eng = AsyncEngine(build_demo(), MimiCodec.load(None, device="cuda", tiny=True),
+                      EngineConfig(device="cuda", max_batch=12))
+    await eng.start()
+    try:
+        ref = (np.random.RandomState(0).randn(FRAME_SAMPLES * 6) * 0.1).astype(np.float32)
+        voice = VoicePrompt((Segment(0, "a reference clip", await eng.encode(ref)),), speaker=0)
+        await _streamed_equals_offline(eng, voice, atol=2e-3)
+    finally:
+        await eng.shutdown()
