@@ -8,6 +8,8 @@ encode_wav/decode_wav); only the 24 kHz <-> 44.1 kHz resampling and the stream c
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import threading
 import warnings
@@ -58,11 +60,12 @@ HPARAMS_44K: dict[str, Any] = {
 # One message repetition is message_len STFT hops at 44.1 kHz: 21 * 2048 / 44100 = 0.975 s.
 MESSAGE_PERIOD_S = HPARAMS_44K["message_len"] * HPARAMS_44K["HOP_LENGTH"] / WATERMARK_SR
 
-# silentcipher's STFT is a process-wide singleton whose encode path passes num_samples from
-# transform() to inverse() through an attribute: encodes must not overlap. Decoding touches
-# neither that attribute nor the encoder networks, so a long verify never holds up generated
-# audio; verifies queue among themselves to bound their memory.
-_ENCODE_LOCK = threading.Lock()
+# silentcipher's STFT is a process-wide singleton whose encode passes num_samples from
+# transform() to inverse() through an attribute, so two encodes on one model would corrupt each
+# other. Each thread encodes through its own view of the model instead (_ThreadEncoder): the
+# networks are shared, read-only at inference, and the STFT is its own. Decoding only calls
+# transform(), which keeps no state, so a long verify never holds up generated audio; verifies
+# queue among themselves to bound their memory.
 _DECODE_LOCK = threading.Lock()
 PHASE_STEP = 10  # silentcipher's own phase-search step, in 44.1 kHz samples
 CPU_PHASE_STEP = 40
@@ -167,6 +170,7 @@ class Watermarker:
             )
         self.model = model
         self.key = tuple(int(b) for b in key)
+        self._local = threading.local()  # .encoder: this thread's _ThreadEncoder
 
     @classmethod
     def load(
@@ -238,10 +242,7 @@ class Watermarker:
         if pcm.size == 0 or not np.any(pcm):
             return pcm.copy()  # silentcipher skips silence too (and would print about it)
         y44 = _resample(pcm, SAMPLE_RATE, WATERMARK_SR)
-        with _ENCODE_LOCK:
-            encoded, _ = self.model.encode_wav(
-                y44, WATERMARK_SR, list(self.key), message_sdr=MESSAGE_SDR_DB, calc_sdr=False
-            )
+        encoded = self._encoder().encode(y44, self.key)
         out = _resample(np.asarray(encoded, dtype=np.float32), WATERMARK_SR, SAMPLE_RATE)
         return _fit(out, pcm.size)
 
@@ -281,6 +282,12 @@ class Watermarker:
     def stream(self, min_chunk_s: float | None = None) -> StreamWatermarker:
         """A StreamWatermarker for one response (see there for min_chunk_s)."""
         return StreamWatermarker(self, min_chunk_s)
+
+    def _encoder(self) -> _ThreadEncoder:
+        enc = getattr(self._local, "encoder", None)
+        if enc is None:
+            enc = self._local.encoder = _ThreadEncoder(self.model)
+        return enc
 
     @property
     def key_kind(self) -> str:
@@ -331,6 +338,42 @@ class Watermarker:
             confidence=None if conf[0] is None else float(conf[0]),
             message=message,
         )
+
+
+class _ThreadEncoder:
+    """One thread's way into silentcipher's encode_wav: a shallow copy of the model (the same
+    networks) with an STFT of its own, and on CUDA a stream of its own, so encodes of several
+    threads neither share num_samples nor queue behind the engine's work on the default stream.
+
+    The networks run as silentcipher ships them, in training mode: BatchNorm normalises with the
+    statistics of the piece itself (so the output does not depend on other calls) and updates its
+    running statistics, which nothing reads; concurrent updates of those are harmless.
+    """
+
+    def __init__(self, model: SilentCipherModel):
+        from silentcipher.stft import STFT
+
+        cfg = model.config
+        stft = STFT.__new__(STFT)  # not STFT(...): its metaclass hands out the one shared instance
+        STFT.__init__(stft, cfg.N_FFT, cfg.HOP_LENGTH)
+        device = torch.device(model.device)
+        # The window is a plain attribute that transform()/inverse() copy to the input's device
+        # on every call: keep it there once (the same values, so the same output).
+        stft.window = stft.window.to(device)
+        self.model = copy.copy(model)
+        self.model.stft = stft
+        self.stream: torch.cuda.Stream | None = None
+        if device.type == "cuda":
+            self.stream = torch.cuda.Stream(device)
+            self.stream.wait_stream(torch.cuda.current_stream(device))  # weights loaded on the default stream
+
+    def encode(self, y44: np.ndarray, key: tuple[int, ...]) -> np.ndarray:
+        # encode_wav ends with a copy to the host, which waits for this stream's work.
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            encoded, _ = self.model.encode_wav(
+                y44, WATERMARK_SR, list(key), message_sdr=MESSAGE_SDR_DB, calc_sdr=False
+            )
+        return encoded
 
 
 _DEMO_LOCK = threading.Lock()

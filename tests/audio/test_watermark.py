@@ -8,6 +8,8 @@ loading). Only the test at the end, skipped without the real weights, checks a r
 from __future__ import annotations
 
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +99,36 @@ def test_apply_odd_lengths_and_silence(wm: Watermarker) -> None:
     assert wm.apply(np.zeros(0, np.float32)).shape == (0,)
     with pytest.raises(ValueError, match="mono"):
         wm.apply(np.zeros((2, 100), np.float32))
+
+
+def shipped_apply(wm: Watermarker, pcm: np.ndarray) -> np.ndarray:
+    """apply() through the model's own encode_wav and its shared STFT, one call at a time."""
+    y44 = W._resample(pcm, SR, 44_100)
+    encoded, _ = wm.model.encode_wav(y44, 44_100, list(wm.key), message_sdr=W.MESSAGE_SDR_DB, calc_sdr=False)
+    return W._fit(W._resample(np.asarray(encoded, np.float32), 44_100, SR), pcm.size)
+
+
+def test_concurrent_encodes_equal_serial_ones() -> None:
+    # silentcipher's shared STFT passes num_samples from transform() to inverse(): on one shared
+    # object, overlapping encodes of different lengths cut each other's output wrongly.
+    wm = W.demo_watermarker()
+    xs = [voice_like(0.05 + 0.037 * i, seed=i) for i in range(12)]
+    serial = [shipped_apply(wm, x) for x in xs]
+    threads = 4
+    barrier = threading.Barrier(threads)
+
+    def encode(first: int) -> list[tuple[int, np.ndarray]]:
+        barrier.wait(30)
+        return [(j, wm.apply(xs[j])) for _ in range(3) for j in range(first, len(xs), threads)]
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = [r for rs in pool.map(encode, range(threads)) for r in rs]
+    assert len(results) == 3 * len(xs)
+    for j, out in results:
+        np.testing.assert_array_equal(out, serial[j])
+    enc = wm._encoder()  # this thread's: the same networks, its own STFT
+    assert enc.model.enc_c is wm.model.enc_c and enc.model.stft is not wm.model.stft
+    assert enc.stream is None  # CPU: no CUDA stream
 
 
 # --- verify -----------------------------------------------------------------------------------
