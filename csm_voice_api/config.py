@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     # in so far); 0 means one engine chunk, so nothing is held back. 975 (one message period)
     # costs least compute but holds streamed audio back up to a second.
     watermark_stream_chunk_ms: int = Field(0, ge=0, le=975)
+    # Threads that watermark response audio, pieces of different streams at once (each thread has
+    # its own silentcipher state and, on CUDA, its own stream). Apart from asyncio's default pool.
+    watermark_workers: int = Field(4, ge=1, le=64)
     # Default sampling temperature when a request gives none (<= 0 is greedy).
     temperature: float = Field(0.9, ge=0.0, le=5.0)
     # Default top-k when a request gives none.

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import signal
+import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -147,13 +148,21 @@ def _shutting_down():
                           headers={"Retry-After": str(int(RETRY_AFTER_S))})
 
 
+# Messages that carry a response's bytes, and the stage their send time is recorded under.
+_SEND_STAGES = {"http.response.body": "send_http", "websocket.send": "send_ws"}
+
+
 def _timed(send: Send, timeout_s: float) -> Send:
     async def timed_send(message: Message) -> None:
+        stage = _SEND_STAGES.get(message["type"])
+        started = time.perf_counter()
         try:
             with anyio.fail_after(timeout_s):
                 await send(message)
         except TimeoutError:
             raise SendTimeout(f"the client read nothing for {timeout_s:.0f} s") from None
+        if stage is not None:
+            metrics.observe(stage, time.perf_counter() - started)
 
     return timed_send
 

@@ -8,30 +8,101 @@ same pieces, so a streamed response and a whole one of the same seed stay byte-i
 `WatermarkScope` makes the app's watermark every request's default (and the lifespan makes it
 the default of background tasks started after it), so a route gets it without passing it
 along, and a new route cannot forget it.
+
+Pieces run on the app's `WatermarkWorkers` (CSM_WATERMARK_WORKERS threads, apart from asyncio's
+default pool): pieces of different streams are encoded at once, each worker thread through its
+own silentcipher state and, on CUDA, its own stream (audio/watermark.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from csm_voice_api.api import metrics
+
 if TYPE_CHECKING:
     from csm_voice_api.audio.watermark import StreamWatermarker, Watermarker
+
+T = TypeVar("T")
+DEFAULT_WORKERS = 4  # outside an app (tools, tests): CSM_WATERMARK_WORKERS' default
+
+
+class WatermarkWorkers:
+    """A bounded pool of threads for watermark work, timed per call (watermark_wait,
+    watermark_compute and loop_lag in csm_stage_seconds)."""
+
+    def __init__(self, workers: int = DEFAULT_WORKERS):
+        if workers < 1:
+            raise ValueError("the watermark needs at least one worker thread")
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="csm-watermark")
+
+    async def run(self, fn: Callable[[], T], *, timed: bool = True) -> T:
+        if not timed:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        submitted = time.perf_counter()
+
+        def call() -> tuple[T, float, float]:
+            started = time.perf_counter()
+            out = fn()
+            return out, started, time.perf_counter()
+
+        out, started, ended = await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        metrics.observe("loop_lag", time.perf_counter() - ended)
+        metrics.observe("watermark_wait", started - submitted)
+        metrics.observe("watermark_compute", ended - started)
+        return out
+
+    async def warm(self, fn: Callable[[], object], timeout_s: float = 60.0) -> None:
+        """Runs `fn` once on every worker thread: each thread builds its encoder state (and on
+        CUDA its stream and library handles) before real traffic needs it."""
+        barrier = threading.Barrier(self.workers)
+
+        def once() -> None:
+            barrier.wait(timeout_s)  # every task holds its thread: the pool starts them all
+            fn()
+
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.gather(*(loop.run_in_executor(self._pool, once) for _ in range(self.workers)))
+        except BaseException:
+            barrier.abort()  # cancelled (shutdown): no thread may wait out the timeout
+            raise
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_DEFAULT_WORKERS: WatermarkWorkers | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def _default_workers() -> WatermarkWorkers:
+    global _DEFAULT_WORKERS
+    with _DEFAULT_LOCK:
+        if _DEFAULT_WORKERS is None:
+            _DEFAULT_WORKERS = WatermarkWorkers(DEFAULT_WORKERS)
+        return _DEFAULT_WORKERS
 
 
 @dataclass(frozen=True)
 class ResponseWatermark:
-    """The app's watermarker and the piece length of responses."""
+    """The app's watermarker, the piece length of responses and the threads that mark them."""
 
     watermarker: Watermarker
     chunk_s: float
+    workers: WatermarkWorkers | None = None  # None: a process-wide pool of DEFAULT_WORKERS
 
     def stream(self) -> StreamWatermarker:
         return self.watermarker.stream(self.chunk_s)
@@ -74,26 +145,28 @@ async def watermarked(pcms: AsyncIterator[np.ndarray], wm: StreamWatermarker | N
 
     If the consumer stops early or `pcms` fails, audio not yet handed out is dropped, so the
     stream goes on from what was returned. silentcipher blocks for milliseconds (GPU) to a good
-    part of a second (CPU): it runs in a worker thread, never on the event loop.
+    part of a second (CPU): it runs on the app's watermark workers, never on the event loop.
     """
     if wm is None:
         async with aclosing(pcms) as source:  # type: ignore[type-var]
             async for pcm in source:
                 yield pcm
         return
+    current = _CURRENT.get()
+    workers = current.workers if current is not None and current.workers is not None else _default_workers()
     ended = False
     try:
         async with aclosing(pcms) as source:  # type: ignore[type-var]
             async for pcm in source:
-                out = await asyncio.to_thread(wm.write, pcm)
+                out = await workers.run(lambda pcm=pcm: wm.write(pcm))
                 if out.size:
                     yield out
         ended = True
-        tail = await asyncio.to_thread(wm.flush)
-        if tail.size:
+        if wm.pending:  # pieces of one engine chunk usually leave nothing: no thread hop then
+            tail = await workers.run(wm.flush)
             yield tail
     finally:
         if not ended:
-            # In a thread too: a write cancelled above may still be running there (the stream
+            # In a worker too: a write cancelled above may still be running there (the stream
             # serialises its calls), and the next phrase on this stream must wait for both.
-            await asyncio.to_thread(wm.discard)
+            await workers.run(wm.discard, timed=False)

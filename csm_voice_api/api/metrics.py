@@ -2,12 +2,27 @@
 
 Engine counters (queue depth, frames generated, slots) are read from `engine.stats()` at scrape time,
 so the engine itself never depends on this module.
+
+`csm_stage_seconds{stage=...}` times each step generated audio takes between the engine and the
+socket, per chunk, so a load run shows where a stream's time goes (bench/load.py prints it):
+
+  engine_first_chunk  generate() called -> the stream's first chunk (queue, prefill, first frames)
+  engine_chunk_gap    between consecutive chunks of one stream, as the stream receives them
+  engine_wait         the part of that gap the stream sat waiting on the engine (0: engine ahead)
+  watermark_wait      a watermark piece queued for a free watermark worker
+  watermark_compute   one watermark call in its worker (resampling and silentcipher, GPU sync)
+  loop_lag            worker done -> the stream's coroutine running again (event-loop backlog)
+  encode              one response encoder write/flush (pcm, wav, mp3, ...), on the event loop
+  send_http           one HTTP body send of a generation (blocks on TCP flow control)
+  send_ws             one WebSocket send (audio or event)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,6 +43,97 @@ TTFA = Histogram(
     buckets=(0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0),
     registry=REGISTRY,
 )
+
+
+STAGES = (
+    "engine_first_chunk", "engine_chunk_gap", "engine_wait", "watermark_wait", "watermark_compute",
+    "loop_lag", "encode", "send_http", "send_ws",
+)  # fmt: skip
+# 1 ms to 10 s, finest around a chunk (160-240 ms) and a watermark piece (5-50 ms).
+STAGE_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3,
+    0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
+)  # fmt: skip
+STAGE_SECONDS = Histogram(
+    "csm_stage_seconds",
+    "Seconds per chunk spent in each step between the engine and the socket, by stage.",
+    ["stage"],
+    buckets=STAGE_BUCKETS,
+    registry=REGISTRY,
+)
+# Children made up front: every stage is exported (count 0) from the first scrape, and observing
+# skips the label lookup.
+_STAGE = {name: STAGE_SECONDS.labels(stage=name) for name in STAGES}
+
+
+def observe(stage: str, seconds: float) -> None:
+    """Records `seconds` spent in `stage` (one of STAGES)."""
+    _STAGE[stage].observe(max(seconds, 0.0))
+
+
+class _HasFrames(Protocol):
+    frames: int
+
+
+C = TypeVar("C", bound=_HasFrames)
+
+
+async def engine_timed(chunks: AsyncIterator[C]) -> AsyncIterator[C]:
+    """`chunks` (one stream's engine chunks) unchanged, timing engine_first_chunk, engine_chunk_gap
+    and engine_wait on the chunks that carry audio. Closing it closes `chunks` (aborts the work)."""
+    started = time.perf_counter()
+    last: float | None = None
+    async with aclosing(chunks) as it:  # type: ignore[type-var]
+        while True:
+            asked = time.perf_counter()
+            try:
+                chunk = await anext(it)
+            except StopAsyncIteration:
+                return
+            if chunk.frames:
+                now = time.perf_counter()
+                if last is None:
+                    observe("engine_first_chunk", now - started)
+                else:
+                    observe("engine_chunk_gap", now - last)
+                    observe("engine_wait", now - asked)
+                last = now
+            yield chunk
+
+
+class _Encoder(Protocol):
+    content_type: str
+
+    def write(self, pcm: Any) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class TimedEncoder:
+    """A response encoder whose write and flush are timed as the encode stage; same bytes."""
+
+    def __init__(self, inner: _Encoder):
+        self.inner = inner
+        self.content_type = inner.content_type
+
+    def write(self, pcm: Any) -> bytes:
+        t = time.perf_counter()
+        try:
+            return self.inner.write(pcm)
+        finally:
+            observe("encode", time.perf_counter() - t)
+
+    def flush(self) -> bytes:
+        t = time.perf_counter()
+        try:
+            return self.inner.flush()
+        finally:
+            observe("encode", time.perf_counter() - t)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class _HasStats(Protocol):

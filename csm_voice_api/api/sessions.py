@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import HTTPConnection
 
+from csm_voice_api.api import metrics
 from csm_voice_api.api.streaming import respond_stream
 from csm_voice_api.api.audio_out import response_watermark, watermarked
 from csm_voice_api.api.deps import get_engine, get_limits, get_settings
@@ -160,7 +161,7 @@ async def _speak_chunk(
     sessions: SessionManager, session: Session, body: StreamTextRequest, chunk_frames: int
 ) -> AsyncIterator[bytes]:
     """WAV of the phrases `body` completes (all that is left when final), spoken in order."""
-    encoder = WavEncoder()
+    encoder = metrics.TimedEncoder(WavEncoder())
     async with session.lock:
         session.attached += 1
         try:
@@ -181,7 +182,7 @@ async def _phrases_pcm(
     for phrase in phrases:
         session.next_segment()
         gen = sessions.speak(session, phrase, chunk_frames=chunk_frames, max_audio_ms=turn_cap_ms(phrase))
-        async with aclosing(gen) as audio:
+        async with aclosing(metrics.engine_timed(gen)) as audio:
             async for chunk in audio:
                 if chunk.frames:
                     yield chunk.pcm

@@ -80,7 +80,7 @@ class SpeechJob:
         self.ttfa_observed = False
 
     async def run(self) -> AsyncIterator[bytes]:
-        encoder = make_encoder(self.fmt)
+        encoder = metrics.TimedEncoder(make_encoder(self.fmt))
         try:
             # The watermark goes on last, after any tempo change, which would blur it.
             async with aclosing(watermarked(self._stretched(), self.watermark)) as pcms:
@@ -96,9 +96,7 @@ class SpeechJob:
             if out:
                 yield out
         finally:
-            close = getattr(encoder, "close", None)
-            if close is not None:
-                close()
+            encoder.close()
             self.engine.release(self.conversation)
 
     async def _stretched(self) -> AsyncIterator[np.ndarray]:
@@ -121,7 +119,7 @@ class SpeechJob:
             seed = None if self.sampling.seed is None else self.sampling.seed + i
             sampling = replace(self.sampling, max_audio_ms=min(budget_ms, turn_cap_ms(phrase)), seed=seed)
             gen = self.engine.generate(self.conversation, phrase, sampling=sampling, chunk_frames=self.chunk_frames)
-            async with aclosing(gen) as chunks:
+            async with aclosing(metrics.engine_timed(gen)) as chunks:
                 async for chunk in chunks:
                     if chunk.frames:
                         self.frames += chunk.frames

@@ -1,8 +1,9 @@
 """The SilentCipher watermark's wiring: loaded at startup, checked by POST /v1/watermark/verify.
 
 The router's lifespan (after the app's, so the engine is up) puts the watermark every response
-gets on app.state.watermark (None only with CSM_WATERMARK=false) and the watermarker verify uses
-on app.state.watermark_verifier (loaded on first use when watermarking is off).
+gets on app.state.watermark (None only with CSM_WATERMARK=false), with the worker threads that
+apply it, and the watermarker verify uses on app.state.watermark_verifier (loaded on first use
+when watermarking is off).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, UploadFile
 from pydantic import BaseModel
 from starlette.requests import HTTPConnection
 
-from csm_voice_api.api.audio_out import ResponseWatermark, set_app_watermark
+from csm_voice_api.api.audio_out import ResponseWatermark, WatermarkWorkers, set_app_watermark
 from csm_voice_api.api.deps import get_limits
 from csm_voice_api.config import Limits, Settings
 from csm_voice_api.errors import InputTooLong, InvalidInput
@@ -32,15 +33,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.watermark = None
     app.state.watermark_verifier = None
     app.state.watermark_loading = asyncio.Lock()
+    workers = None
     if settings.watermark:
         wm = await _load(app)
-        app.state.watermark = ResponseWatermark(wm, settings.watermark_stream_chunk_s())
+        workers = WatermarkWorkers(settings.watermark_workers)
+        app.state.watermark = ResponseWatermark(wm, settings.watermark_stream_chunk_s(), workers)
         app.state.watermark_verifier = wm
     set_app_watermark(app.state.watermark)
     try:
         yield
     finally:
         set_app_watermark(None)
+        if workers is not None:
+            workers.shutdown()
 
 
 router = APIRouter(lifespan=lifespan)

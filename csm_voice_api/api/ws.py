@@ -26,6 +26,7 @@ from fastapi import APIRouter, WebSocket
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from csm_voice_api.api import metrics
 from csm_voice_api.api.audio_out import response_watermark, watermarked
 from csm_voice_api.api.sessions import get_sessions
 from csm_voice_api.api.speech_job import turn_cap_ms
@@ -276,7 +277,7 @@ class StreamTextConnection:
         assert self.session is not None
         gen = self.sessions.speak(self.session, phrase.text, chunk_frames=self.chunk_frames,
                                   max_audio_ms=turn_cap_ms(phrase.text))
-        async with aclosing(gen) as chunks:
+        async with aclosing(metrics.engine_timed(gen)) as chunks:
             async for chunk in chunks:
                 if phrase.epoch != self.epoch:  # cancelled while this chunk was on its way
                     raise _Superseded  # not a plain end: the watermark must not flush its rest
@@ -309,7 +310,8 @@ class StreamTextConnection:
 
     def _encoder(self) -> Encoder:
         if self.encoder is None:
-            self.encoder = make_encoder(self.session.output_format)  # type: ignore[union-attr]
+            assert self.session is not None
+            self.encoder = metrics.TimedEncoder(make_encoder(self.session.output_format))
         return self.encoder
 
     async def _end_stream(self) -> None:
