@@ -46,6 +46,7 @@ API_ROUTERS = (
     "csm_voice_api.api.queue",  # /v1/queue/{route}/... (durable jobs; worker started by its lifespan)
     "csm_voice_api.api.youtube",  # /v1/audio/speech/voice-cloning/youtube (yt-dlp, optional)
     "csm_voice_api.api.audio_files",  # /v1/audio/{filename}: keep last (catch-all under /v1/audio)
+    "csm_voice_api.api.warmup",  # no routes; its lifespan runs after every other: keep it after them
 )
 # ---------------------------------------------------------------------------------------------
 

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     voice_cache_size: int = Field(32, ge=0)
     # Capture the decode step in CUDA graphs; turn off to debug (CSM_NO_CUDA_GRAPH=1 also does).
     cuda_graphs: bool = True
+    # At start-up, speak one short utterance through the whole output path (engine, codec,
+    # watermark on every worker, an encoder) before /ready answers 200, so first requests do not
+    # pay first-use costs; false makes /ready answer as soon as the engine is up.
+    warmup: bool = True
     # Root for stored voices and generated audio (outputs/ beneath it).
     data_dir: Path = Path("data")
     # Generated files kept in data_dir/outputs before the oldest are deleted.

@@ -55,7 +55,7 @@ def cli_server(data_dir: Path, **env: str) -> Iterator[tuple[subprocess.Popen, s
     answers 200 (for tests that kill or signal the process). `env` adds CSM_* settings."""
     port = free_port()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "CSM_DATA_DIR": str(data_dir), "CSM_WATERMARK": "false",
-                **env}  # fmt: skip
+                "CSM_WARMUP": "false", **env}  # fmt: skip
     cmd = [sys.executable, "-m", "csm_voice_api", "serve", "--model", "demo", "--device", "cpu",
            "--port", str(port), "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=data_dir, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

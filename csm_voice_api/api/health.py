@@ -69,6 +69,10 @@ async def ready(request: Request) -> JSONResponse:
         return error_response("Not ready: the server is shutting down.", status=503, code="shutting_down")
     if engine is None or not engine.healthy:
         return error_response("Not ready: the engine is loading or has stopped.", status=503, code="not_ready")
+    warmup = getattr(request.app.state, "warmup", None)
+    if warmup is not None and not warmup.done:
+        return error_response("Not ready: warming up (one short generation through the output path).",
+                              status=503, code="warming_up")
     return JSONResponse({"status": "ready"})
 
 

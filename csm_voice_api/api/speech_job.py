@@ -63,6 +63,7 @@ class SpeechJob:
         chunk_frames: int = 2,
         started: float | None = None,
         watermark: StreamWatermarker | None | Literal["app"] = "app",
+        route: str = "speech",
     ):
         self.engine = engine
         self.conversation = Conversation(voice)
@@ -78,6 +79,7 @@ class SpeechJob:
         # "app": the current app's watermark (api/audio_out.py); None: no watermark (tests, tools).
         self.watermark = response_watermark() if isinstance(watermark, str) else watermark
         self.ttfa_observed = False
+        self.route = route  # the TTFA metric's label
 
     async def run(self) -> AsyncIterator[bytes]:
         encoder = metrics.TimedEncoder(make_encoder(self.fmt))
@@ -88,7 +90,7 @@ class SpeechJob:
                     if not self.ttfa_observed:
                         # Time to first audio as the client gets it: watermark included.
                         self.ttfa_observed = True
-                        metrics.TTFA.labels(route="speech").observe(time.perf_counter() - self.started)
+                        metrics.TTFA.labels(route=self.route).observe(time.perf_counter() - self.started)
                     out = encoder.write(pcm)
                     if out:
                         yield out

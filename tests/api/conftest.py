@@ -34,7 +34,9 @@ def engine() -> Iterator[AsyncEngine]:
 
 
 def make_settings(data_dir: Path, **overrides) -> Settings:
-    # _env_file=None: a developer's .env must not change what the tests check.
+    # _env_file=None: a developer's .env must not change what the tests check. No start-up
+    # warm-up unless a test asks (test_warmup.py): it would run beside the test's own requests.
+    overrides = {"warmup": False, **overrides}
     return Settings(_env_file=None, model="demo", device="cpu", data_dir=data_dir, **overrides)
 
 

@@ -35,8 +35,9 @@ def engine() -> Iterator[AsyncEngine]:
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
     # _env_file=None: a developer's .env must not change what the tests check. No watermark by
-    # default: it is tested on its own, and here it would only slow generation on CPU.
-    overrides = {"watermark": False, **overrides}
+    # default: it is tested on its own, and here it would only slow generation on CPU. No start-up
+    # warm-up either (tests/api/test_warmup.py): it would run beside the test's own requests.
+    overrides = {"watermark": False, "warmup": False, **overrides}
     return Settings(_env_file=None, model="demo", device="cpu", data_dir=data_dir, **overrides)
 
 

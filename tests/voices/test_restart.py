@@ -61,7 +61,7 @@ def clip(seconds: float = 0.5) -> bytes:
 
 async def run_app(data_dir: Path, engine: AsyncEngine, steps) -> object:
     """Build the app over data_dir, run `steps(client, app)`, shut the app down; returns its result."""
-    app = build_app(Settings(_env_file=None, model="demo", device="cpu", data_dir=data_dir), engine)
+    app = build_app(Settings(_env_file=None, model="demo", device="cpu", data_dir=data_dir, warmup=False), engine)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=120) as c:
             return await steps(c, app)

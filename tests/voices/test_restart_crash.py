@@ -27,7 +27,7 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "CSM_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "CSM_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT), "CSM_WARMUP": "false"}
     cmd = [sys.executable, "-m", "csm_voice_api", "serve", "--model", "demo", "--device", "cpu",
            "--port", str(port), "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=data_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -22,7 +22,8 @@ EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["'](?:https?:)?//|url\(\s*["']?(?:
 @pytest.fixture
 async def web(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     # No lifespan and no engine: these routes are static, and auth runs before routing.
-    settings = Settings(_env_file=None, model="demo", device="cpu", data_dir=tmp_path, api_keys=["sk-test"])
+    settings = Settings(_env_file=None, model="demo", device="cpu", data_dir=tmp_path, api_keys=["sk-test"],
+                        warmup=False)
     app = build_app(settings, engine=object())  # type: ignore[arg-type]
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
         yield c
