@@ -9,6 +9,13 @@ counted as rejections, anything else that fails as an error.
 With --levels 1,2,4,8 the load steps up; the report names the highest level "held": no errors,
 p99 TTFA under --ttfa-slo and p99 stall under --stall-slo.
 
+Around each level the server's /metrics is scraped: the change of csm_stage_seconds over the level
+gives, per stage between the engine and the socket (engine chunk gaps, watermark queueing and
+compute, event-loop lag, encoding, sends), its count, mean and p50/p99 (interpolated within the
+histogram's buckets, as Prometheus' histogram_quantile does), printed side by side for all levels
+at the end and kept in the JSON under each level's "stages"; "server" has the frames the engine
+generated. A server without /metrics (or one that refuses it) gives null there.
+
     python bench/load.py --url http://127.0.0.1:8000 --ws 16 --speech 16 --duration 30
     python bench/load.py --url http://gpu-box:8000 --levels 8,16,32,64 --mix 0.5 --out load.json
 """
@@ -18,6 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -185,20 +194,149 @@ def held(summary: dict, args: argparse.Namespace) -> bool:
             and (summary["stall_p99_ms"] or 0) <= args.stall_slo * 1000)
 
 
+# ---- server-side stage timings (/metrics) ------------------------------------------------------
+
+STAGE_METRIC = "csm_stage_seconds"
+FRAME_S = 0.08
+_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+@dataclass
+class Histogram:
+    buckets: dict[float, float] = field(default_factory=dict)  # upper bound -> cumulative count
+    count: float = 0.0
+    sum: float = 0.0
+
+
+@dataclass
+class Scrape:
+    stages: dict[str, Histogram] = field(default_factory=dict)
+    frames: float | None = None
+
+
+def parse_metrics(text: str) -> Scrape:
+    """The csm_stage_seconds histograms (by stage) and the frame counter of a /metrics text."""
+    out = Scrape()
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m is None or line.startswith("#"):
+            continue
+        name, value = m["name"], float(m["value"])
+        if name == "csm_frames_total":
+            out.frames = value
+        if not name.startswith(STAGE_METRIC + "_"):
+            continue
+        labels = dict(_LABEL.findall(m["labels"] or ""))
+        hist = out.stages.setdefault(labels.get("stage", ""), Histogram())
+        suffix = name[len(STAGE_METRIC) + 1 :]
+        if suffix == "bucket":
+            hist.buckets[float(labels["le"])] = value  # "+Inf" parses as inf
+        elif suffix == "count":
+            hist.count = value
+        elif suffix == "sum":
+            hist.sum = value
+    return out
+
+
+def bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Quantile q of a histogram given as sorted (upper bound, cumulative count), interpolated
+    linearly within the bucket it falls in; in the +Inf bucket, the largest finite bound."""
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
+        return None
+    rank = q * total
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in buckets:
+        if c >= rank:
+            if math.isinf(le):
+                return prev_le
+            if c == prev_c:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_c) / (c - prev_c)
+        prev_le, prev_c = le, c
+    return prev_le
+
+
+def stage_deltas(before: Scrape, after: Scrape) -> dict[str, dict]:
+    """Per stage, what happened between two scrapes: count, total and mean seconds, p50/p99."""
+    out = {}
+    for stage, h in after.stages.items():
+        b = before.stages.get(stage, Histogram())
+        n = h.count - b.count
+        total = h.sum - b.sum
+        cum = sorted((le, c - b.buckets.get(le, 0.0)) for le, c in h.buckets.items())
+        out[stage] = {"count": int(n), "total_s": round(total, 3), "mean_ms": _ms(total / n) if n else None,
+                      "p50_ms": _ms(bucket_quantile(0.5, cum)), "p99_ms": _ms(bucket_quantile(0.99, cum))}
+    return out
+
+
+async def scrape(args: argparse.Namespace) -> Scrape | None:
+    try:
+        async with httpx.AsyncClient(base_url=args.url, timeout=30) as c:
+            r = await c.get("/metrics", headers=headers(args.api_key))
+    except (httpx.HTTPError, OSError):
+        return None
+    return parse_metrics(r.text) if r.status_code == 200 else None
+
+
+def server_side(before: Scrape | None, after: Scrape | None, seconds: float) -> tuple[dict | None, dict | None]:
+    """(stages, server) of one level; None, None without two scrapes."""
+    if before is None or after is None:
+        return None, None
+    frames = None if after.frames is None or before.frames is None else after.frames - before.frames
+    server = {"frames": frames, "seconds": round(seconds, 2),
+              "realtime_streams": None if frames is None else round(frames * FRAME_S / seconds, 2)}
+    return stage_deltas(before, after), server
+
+
+def stage_table(levels: list[dict]) -> str:
+    """Stages down, levels across: count, mean and p99 (ms) of each stage at each level."""
+    with_stages = [e for e in levels if e.get("stages")]
+    if not with_stages:
+        return "(no stage timings: the server's /metrics could not be read)"
+    names = list(dict.fromkeys(s for e in with_stages for s in e["stages"]))
+    cell = "{:>7} {:>8} {:>8}"
+    head = f"{'stage':<20}" + "".join(f" | {str(e['clients']) + ' clients':^25}" for e in with_stages)
+    sub = f"{'':<20}" + "".join(" | " + cell.format("n", "mean ms", "p99 ms") for _ in with_stages)
+    rows = [head, sub]
+    for name in names:
+        cells = []
+        for e in with_stages:
+            d = e["stages"].get(name) or {}
+            cells.append(cell.format(d.get("count", "-"), _fmt(d.get("mean_ms")), _fmt(d.get("p99_ms"))))
+        rows.append(f"{name:<20}" + "".join(" | " + c for c in cells))
+    rt = "".join(f" | {(e.get('server') or {}).get('realtime_streams')!s:^25}" for e in with_stages)
+    rows.append(f"{'engine rt streams':<20}" + rt)
+    return "\n".join(rows)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
 async def main(args: argparse.Namespace) -> dict:
     levels = [int(x) for x in args.levels.split(",")] if args.levels else [args.ws + args.speech]
     report: dict = {"url": args.url, "duration_s": args.duration, "audio_ms": args.audio_ms, "levels": []}
     for level in levels:
         n_ws = round(level * args.mix) if args.levels else args.ws
         n_speech = level - n_ws if args.levels else args.speech
+        before, t0 = await scrape(args), time.monotonic()
         run = await run_level(args, n_ws, n_speech)
+        after, seconds = await scrape(args), time.monotonic() - t0
         entry = {"clients": level, "ws": n_ws, "speech": n_speech, "all": summarize(run),
                  "ws_sessions": summarize(run, "ws"), "speech_streams": summarize(run, "speech")}
         entry["held"] = held(entry["all"], args)
+        entry["stages"], entry["server"] = server_side(before, after, seconds)
         report["levels"].append(entry)
         print(f"{level:>5} clients ({n_ws} ws, {n_speech} http): {json.dumps(entry['all'])} held={entry['held']}",
               flush=True)
+        if entry["stages"]:
+            print(stage_table([entry]), flush=True)
     report["held_clients"] = max((e["clients"] for e in report["levels"] if e["held"]), default=0)
+    if len(report["levels"]) > 1:
+        print("\nwhere the time went, per level (server side, csm_stage_seconds):")
+        print(stage_table(report["levels"]), flush=True)
     return report
 
 

@@ -29,3 +29,34 @@ async def test_load_script_reports_sessions_and_streams(live_factory):
     assert level["speech_streams"]["ok"] + level["speech_streams"]["rejected"] == level["speech_streams"]["utterances"]
     assert level["ws_sessions"]["ttfa_p99_ms"] > 0 and level["ws_sessions"]["audio_s"] > 0
     assert report["held_clients"] == 3
+    # Server-side stage timings of the level, from /metrics (watermark off in these servers).
+    stages = level["stages"]
+    for name in ("engine_first_chunk", "engine_chunk_gap", "encode", "send_http", "send_ws"):
+        assert stages[name]["count"] > 0 and stages[name]["mean_ms"] > 0, name
+        assert 0 < stages[name]["p50_ms"] <= stages[name]["p99_ms"] <= 10_000, name
+    assert stages["watermark_compute"] == {"count": 0, "total_s": 0.0, "mean_ms": None, "p50_ms": None,
+                                           "p99_ms": None}
+    assert level["server"]["frames"] > 0 and level["server"]["realtime_streams"] > 0
+    assert "engine_chunk_gap" in load.stage_table(report["levels"])
+
+
+def test_stage_deltas_from_two_scrapes():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from csm_voice_api.api.metrics import STAGE_BUCKETS
+
+    load = load_module()
+    reg = CollectorRegistry()
+    hist = Histogram("csm_stage_seconds", "test", ["stage"], buckets=STAGE_BUCKETS, registry=reg)
+    hist.labels(stage="encode").observe(5.0)  # before the level: not part of its deltas
+    before = load.parse_metrics(generate_latest(reg).decode())
+    for v in [0.004] * 98 + [0.04, 30.0]:
+        hist.labels(stage="encode").observe(v)
+    got = load.stage_deltas(before, load.parse_metrics(generate_latest(reg).decode()))["encode"]
+    assert got["count"] == 100 and got["total_s"] == round(98 * 0.004 + 30.04, 3)
+    assert got["mean_ms"] == round((98 * 0.004 + 30.04) * 10, 1)
+    assert 2.5 < got["p50_ms"] <= 5.0  # inside the 2.5-5 ms bucket, interpolated
+    assert got["p99_ms"] == 50.0  # the 99th of 100 is 0.04 s: the top of the 30-50 ms bucket
+    cum = [(0.01, 1.0), (10.0, 1.0), (float("inf"), 2.0)]
+    assert load.bucket_quantile(0.99, cum) == 10.0  # in the +Inf bucket: the largest finite bound
+    assert load.bucket_quantile(0.5, []) is None
