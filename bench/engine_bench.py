@@ -119,6 +119,7 @@ def pipelined_ms(r, lanes, B, iters) -> float:
 def frame_timings(eng: AsyncEngine, batches, iters=30):
     """ms per decode step (all rows live at ~position 300), Mimi decode of those rows, and both."""
     r, lanes = eng.runner, eng._lanes
+    eng._collect_audio()  # the engine's last frame may still hold the codec's other buffer
     out = {}
     for B in batches:
         if B > eng.max_batch:

@@ -159,7 +159,7 @@ async def _streamed_equals_offline(engine, voice, atol):
     for conv, (chunks, pcm) in zip(convs, outs):
         offline = engine.codec.decode(conv.turns[-1].codes)
         assert len(pcm) == len(offline) > 0
-        np.testing.assert_allclose(pcm, offline, atol=atol)
+        torch.testing.assert_close(torch.from_numpy(pcm), torch.from_numpy(offline), atol=atol, rtol=1e-3)
         engine.release(conv)
 
 
@@ -169,13 +169,16 @@ async def test_streamed_audio_equals_offline_decode(engine, voice):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-async def test_streamed_audio_equals_offline_decode_cuda():
+async def test_streamed_audio_equals_offline_decode_cuda(monkeypatch):
+    # Offline and streaming decodes run different conv shapes: compare them without TF32 rounding.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     eng = AsyncEngine(build_demo(), MimiCodec.load(None, device="cuda", tiny=True),
                       EngineConfig(device="cuda", max_batch=12))
     await eng.start()
     try:
         ref = (np.random.RandomState(0).randn(FRAME_SAMPLES * 6) * 0.1).astype(np.float32)
         voice = VoicePrompt((Segment(0, "a reference clip", await eng.encode(ref)),), speaker=0)
-        await _streamed_equals_offline(eng, voice, atol=2e-3)
+        await _streamed_equals_offline(eng, voice, atol=1e-4)
     finally:
         await eng.shutdown()
