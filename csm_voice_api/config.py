@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     # in so far); 0 means one engine chunk, so nothing is held back. 975 (one message period)
     # costs least compute but holds streamed audio back up to a second.
     watermark_stream_chunk_ms: int = Field(0, ge=0, le=975)
+    # Each streamed piece is this much longer than the one before, up to a message period: the
+    # first audio waits for one small piece, a long stream costs about one encode per period.
+    # 1 keeps every piece one chunk (most compute). Streams must outpace real time by this factor.
+    watermark_stream_growth: float = Field(1.5, ge=1.0, le=4.0)
     # Threads that watermark response audio, pieces of different streams at once (each thread has
     # its own silentcipher state and, on CUDA, its own stream). Apart from asyncio's default pool.
     watermark_workers: int = Field(4, ge=1, le=64)

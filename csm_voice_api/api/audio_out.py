@@ -103,9 +103,10 @@ class ResponseWatermark:
     watermarker: Watermarker
     chunk_s: float
     workers: WatermarkWorkers | None = None  # None: a process-wide pool of DEFAULT_WORKERS
+    growth: float = 1.0  # each piece this much longer than the last, up to a message period
 
     def stream(self) -> StreamWatermarker:
-        return self.watermarker.stream(self.chunk_s)
+        return self.watermarker.stream(self.chunk_s, self.growth)
 
 
 _CURRENT: ContextVar[ResponseWatermark | None] = ContextVar("csm_response_watermark", default=None)

@@ -37,7 +37,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.watermark:
         wm = await _load(app)
         workers = WatermarkWorkers(settings.watermark_workers)
-        app.state.watermark = ResponseWatermark(wm, settings.watermark_stream_chunk_s(), workers)
+        app.state.watermark = ResponseWatermark(wm, settings.watermark_stream_chunk_s(), workers,
+                                                settings.watermark_stream_growth)
         app.state.watermark_verifier = wm
     set_app_watermark(app.state.watermark)
     try:
@@ -88,9 +89,12 @@ async def verifier(app: FastAPI) -> Watermarker:
 
 async def _load(app: FastAPI) -> Watermarker:
     from csm_voice_api.audio.watermark import load_watermarker
+    from csm_voice_api.engine.demo import RANDOM_FULL
 
     settings: Settings = app.state.settings
     engine = app.state.engine
     # Building or reading the networks takes a while: off the event loop.
+    # The full-size random model (benchmarks) gets full-size random watermark networks: its cost is real.
+    demo = "full-random" if engine.model_name == RANDOM_FULL else engine.is_demo
     return await asyncio.to_thread(load_watermarker, settings.watermark_key, str(engine.device),
-                                   demo=engine.is_demo, weights_dir=settings.watermark_weights)  # fmt: skip
+                                   demo=demo, weights_dir=settings.watermark_weights)  # fmt: skip

@@ -279,9 +279,9 @@ class Watermarker:
                 res = self.model.decode_wav(y44[shift:], WATERMARK_SR, phase_shift_decoding=False)
         return self._result(res)
 
-    def stream(self, min_chunk_s: float | None = None) -> StreamWatermarker:
-        """A StreamWatermarker for one response (see there for min_chunk_s)."""
-        return StreamWatermarker(self, min_chunk_s)
+    def stream(self, min_chunk_s: float | None = None, growth: float = 1.0) -> StreamWatermarker:
+        """A StreamWatermarker for one response (see there for min_chunk_s and growth)."""
+        return StreamWatermarker(self, min_chunk_s, growth)
 
     def _encoder(self) -> _ThreadEncoder:
         enc = getattr(self._local, "encoder", None)
@@ -399,9 +399,10 @@ def demo_watermarker(key: tuple[int, ...] = CSM_1B_PUBLIC_KEY, device: str = "cp
 
 
 def load_watermarker(
-    key_text: str | None, device: str | torch.device, *, demo: bool, weights_dir: Path | None = None
+    key_text: str | None, device: str | torch.device, *, demo: bool | str, weights_dir: Path | None = None
 ) -> Watermarker:
-    """The server's watermarker: the real silentcipher model, or the demo's random networks.
+    """The server's watermarker: the real silentcipher model, or the demo's random networks
+    (demo="full-random": random networks of the real size, for benchmarks of the random model).
 
     Raises with what to do when the key is malformed or the weights cannot be had: a server
     that should watermark must not start without it.
@@ -410,6 +411,8 @@ def load_watermarker(
         key = parse_key(key_text)
     except ValueError as e:
         raise ValueError(f"CSM_WATERMARK_KEY: {e}") from None
+    if demo == "full-random":
+        return Watermarker.random(key, device=device)
     if demo:
         return demo_watermarker(key, str(device))
     try:
@@ -440,16 +443,25 @@ class StreamWatermarker:
     still agrees. min_chunk_s below one period trades compute for latency: each chunk is then
     encoded together with the audio since the last period edge (look-behind) and only its new
     part is emitted, keeping the grid. Output length always equals input length.
+
+    growth > 1 makes each piece that much longer than the last, up to one whole period, after
+    which pieces end on period edges and need no look-behind: the first audio still waits for only
+    one small piece, while a long stream costs about one encode per period instead of one per
+    chunk. Streams that generate faster than real time by at least `growth` never wait on it.
     """
 
-    def __init__(self, wm: Watermarker, min_chunk_s: float | None = None):
+    def __init__(self, wm: Watermarker, min_chunk_s: float | None = None, growth: float = 1.0):
         self.wm = wm
         self.period = MESSAGE_PERIOD_S * SAMPLE_RATE  # 23405.71 samples at 24 kHz
         if min_chunk_s is None:
             min_chunk_s = MESSAGE_PERIOD_S
         if min_chunk_s <= 0:
             raise ValueError("min_chunk_s must be > 0")
+        if growth < 1:
+            raise ValueError("growth must be >= 1")
         self.step = min_chunk_s * SAMPLE_RATE
+        self.growth = growth
+        self._edges = [0]  # piece edges so far (growth > 1), absolute samples
         self._buf = np.zeros(0, dtype=np.float32)  # raw PCM from _buf_start on
         self._buf_start = 0  # absolute sample index of _buf[0] (a period edge)
         self._emitted = 0  # absolute samples already returned
@@ -458,7 +470,16 @@ class StreamWatermarker:
 
     def edge(self, j: int) -> int:
         """Absolute end sample of chunk j-1 (start of chunk j)."""
-        return round(j * self.step)
+        if self.growth == 1:
+            return round(j * self.step)
+        while len(self._edges) <= j:
+            last = self._edges[-1]
+            size = self.step * self.growth ** (len(self._edges) - 1)
+            if size < self.period:
+                self._edges.append(round(last + size))
+            else:  # grown to a period: end on the period grid, so the next window needs no look-behind
+                self._edges.append(self.period_start(round(last + self.period)))
+        return self._edges[j]
 
     def period_start(self, a: int) -> int:
         """The last message-period edge at or before absolute sample a."""

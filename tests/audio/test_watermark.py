@@ -361,3 +361,26 @@ def test_real_watermark_round_trip() -> None:
     assert not wm.verify(x, SR).key_matches
     streamed = np.concatenate(feed(StreamWatermarker(wm), x, seed=2))
     assert wm.verify(streamed, SR).key_matches
+
+
+def test_growing_pieces_keep_length_grid_and_match_whole_stream():
+    """Pieces grow by `growth` up to a message period, then end on period edges; output length
+    equals input, and how the audio is written does not change a byte of the output."""
+    from csm_voice_api.audio.watermark import StreamWatermarker, demo_watermarker
+
+    wm = demo_watermarker()
+    s = StreamWatermarker(wm, 0.16, growth=1.5)
+    edges = [s.edge(j) for j in range(10)]
+    sizes = np.diff(edges)
+    assert edges[:3] == [0, 3840, 3840 + 5760]
+    assert list(sizes[:4]) == [3840, 5760, 8640, 12960]  # x1.5 each, while under a period
+    assert all(0 < n <= round(s.period) + 1 for n in sizes)
+    grid = [e for e in edges if s.period_start(e) == e]
+    assert len(grid) >= 4 and all(0 < b - a <= round(s.period) + 1 for a, b in zip(grid, grid[1:]))
+    x = (np.random.RandomState(3).randn(24_000 * 5) * 0.1).astype(np.float32)
+    one = StreamWatermarker(wm, 0.16, growth=1.5)
+    whole = np.concatenate([one.write(x), one.flush()])
+    other = StreamWatermarker(wm, 0.16, growth=1.5)
+    parts = [other.write(x[i : i + 1920 * 3]) for i in range(0, len(x), 1920 * 3)] + [other.flush()]
+    assert len(whole) == len(x)
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
