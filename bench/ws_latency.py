@@ -97,6 +97,8 @@ async def one_session(url: str, ref: bytes, token_ms: float, seed: int) -> list[
                 await asyncio.sleep(token_ms / 1000)
             await asyncio.sleep(1.0)  # the "LLM" pauses between sentences
         await asyncio.wait_for(task, 300)
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:  # free its slot for the next level
+        await http.delete(f"/v1/streaming-session/{sid}")
     return latencies
 
 

@@ -24,7 +24,7 @@ _WIDTH = 76
 
 def demo_banner(engine: AsyncEngine) -> str:
     """A boxed warning that the demo model is loaded and the audio is noise."""
-    reason = engine.demo_reason or "the model was set to 'demo'"
+    reason = engine.demo_reason or f"the model was set to '{engine.model_name}'"
     lines = [
         "!!! DEMO MODEL: THE AUDIO THIS SERVER MAKES IS RANDOM NOISE !!!",
         "",
