@@ -53,7 +53,7 @@ def breakdown(r: ModelRunner, B: int) -> dict:
     if r.compiled is not None:
         pieces["compiled"] = r.compiled
     if r.fused is not None and B <= r.fused[1].max_rows:
-        pieces["fused"] = (r.fused[0], r.fused[1], None)
+        pieces["fused"] = r.fused
     for name, (backbone, depth, fn) in pieces.items():
         if backbone is not None:
             out[f"backbone_{name}"] = graph_ms(lambda: backbone(tokens, mask, pos, cache))
@@ -68,7 +68,7 @@ def breakdown(r: ModelRunner, B: int) -> dict:
         out[f"depth31_{name}"] = graph_ms(depth_loop)
         if fn is not None:
             out[f"sample32_{name}"] = graph_ms(lambda: [fn(logits, p, r.codebook_ids[i]) for i in range(K)])
-    out["frame_" + r.variant.get(B, "?")] = graph_ms(lambda: r._step(B, r.variant.get(B, "plain")))
+    out["frame_" + r.variant.get(B, "?")] = graph_ms(lambda: r._step(B, r.variant.get(B, "plain/plain/plain")))
     return out
 
 

@@ -330,6 +330,10 @@ class AsyncEngine:
     def _loop(self) -> None:
         try:
             with torch.inference_mode(), contextlib.ExitStack() as stack:
+                if self.device.type == "cuda":
+                    # The engine's work on a high-priority stream: Mimi's stream (CodecLanes) and the
+                    # watermark workers' streams then fill only the SMs a decode step leaves idle.
+                    stack.enter_context(torch.cuda.stream(torch.cuda.Stream(self.device, priority=-1)))
                 self._lanes = CodecLanes(self.codec, self.max_batch, self.num_codebooks, stack)
                 while not self._stopping:
                     self._drain_inbox()

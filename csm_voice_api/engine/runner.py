@@ -58,14 +58,15 @@ class ModelRunner:
         self.codebook_ids = torch.arange(self.K, device=device)  # tensors, so compiled code is not specialised per codebook
         self.compiled = None  # (step_backbone, step_depth, sample) compiled, when asked for on cuda
         self.variant: dict[int, str] = {}  # bucket -> one of `variants(bucket)`, whichever replayed fastest
-        self.fused = None  # (backbone, depth) step pieces on our Triton kernels (kernels/), for small buckets
+        self.fused = None  # (backbone, depth, sample) on our Triton kernels (kernels/); the layers for small buckets
         if device.type == "cuda":
             from . import kernels
 
             if kernels.available():
+                from .kernels import sampler as fused_sampler
                 from .kernels.steps import FusedBackbone, FusedDepth
 
-                self.fused = (FusedBackbone(model), FusedDepth(model))
+                self.fused = (FusedBackbone(model), FusedDepth(model), fused_sampler.sample)
         if compile_requested(compile) and device.type == "cuda":
             # Fuse the thousands of tiny elementwise kernels of a frame. Pieces, not the unrolled frame:
             # a whole-frame compile took minutes per batch size. Automatic dynamic shapes: the first
@@ -129,26 +130,31 @@ class ModelRunner:
 
     # ---- the decode step -------------------------------------------------------------------
     def variants(self, bucket: int) -> list[str]:
-        """Ways to run this bucket's step: PyTorch; compiled pieces; the depth decoder or both stacks fused."""
-        out = ["plain"] + (["compiled"] if self.compiled is not None else [])
-        if self.fused is not None and bucket <= self.fused[1].max_rows:
-            out += ["fused-depth", "fused"]
+        """Ways to run this bucket's step, named backbone/depth decoder/sampler, each piece "plain"
+        PyTorch, "compiled" (torch.compile) or "triton" (kernels/; the layers only for <= 16 rows)."""
+        out = ["plain/plain/plain"]
+        comp = "compiled" if self.compiled is not None else "plain"
+        if self.compiled is not None:
+            out.append(f"{comp}/{comp}/{comp}")
+        if self.fused is not None:
+            out.append(f"{comp}/{comp}/triton")
+            if bucket <= self.fused[1].max_rows:
+                out += [f"{comp}/triton/{comp}", f"{comp}/triton/triton", "triton/triton/triton"]
         return out
 
     def _pieces(self, B: int, variant: str):
         m = self.model
-        if variant == "plain":
-            return m.step_backbone, m.step_depth, sample
-        backbone, depth, fn = self.compiled or (m.step_backbone, m.step_depth, sample)
+        names = variant.split("/")
+        plain = (m.step_backbone, m.step_depth, sample)
+        compiled = self.compiled or plain
         if B > 1:
             # Measured on an H200: the compiled backbone is good only where it was compiled static
             # (batch 1); with the batch dim symbolic it took 13 ms at batch 8 against 2.7 ms plain.
-            backbone = m.step_backbone
-        if variant == "fused":
-            return self.fused[0], self.fused[1], fn
-        return backbone, (self.fused[1] if variant == "fused-depth" else depth), fn
+            compiled = (m.step_backbone, *compiled[1:])
+        triton = self.fused or (None, None, None)
+        return tuple({"plain": plain, "compiled": compiled, "triton": triton}[n][i] for i, n in enumerate(names))
 
-    def _step(self, B: int, variant: str = "plain") -> None:
+    def _step(self, B: int, variant: str = "plain/plain/plain") -> None:
         K = self.K
         p = self.sampling.rows(B)
         ids = self.codebook_ids
@@ -179,7 +185,7 @@ class ModelRunner:
             graph = self.graphs.get(bucket) or self._capture(bucket)
             graph.replay()
         else:
-            self._step(bucket, "compiled" if self.compiled is not None else "plain")
+            self._step(bucket, "compiled/compiled/compiled" if self.compiled is not None else "plain/plain/plain")
         self.audible[bucket:] = False
         return self.out[:bucket], self.audible[:bucket]
 

@@ -126,3 +126,29 @@ def test_fused_depth_full_size_bf16(B):
         assert err < 0.03, (i, float(err))
         x = m.embed_codebook(i + 1, ref.argmax(-1))[:, None]
         dpos = dpos[:, -1:] + 1
+
+
+def test_fused_sampler_equals_sampler_over_mixed_rows():
+    """Per-row temperature, top-k, top-p, penalty and seed: the same tokens and the same recent ring."""
+    from csm_voice_api.engine.kernels.sampler import sample as fused_sample
+    from csm_voice_api.engine.sampler import SamplingTensors, sample
+
+    B, V, K = 12, 2051, 4
+    g = torch.Generator().manual_seed(11)
+    ref = SamplingTensors.allocate(B, DEVICE, K, V)
+    ref.temperature[:] = torch.tensor([0.0, 0.9, 0.9, 1.3, 0.5, 0.9, 0.9, 0.7, 2.0, 0.9, 0.9, 0.9])
+    ref.topk[:] = torch.tensor([1, 50, 1, 2051, 5, 50, 3000, 50, 50, 10, 50, 2])
+    ref.top_p[:] = torch.tensor([1.0, 1.0, 1.0, 0.8, 1.0, 0.5, 0.95, 1.0, 0.3, 1.0, 0.9, 1.0])
+    ref.seed[:] = torch.arange(B) * 7919
+    ref.rep_penalty[:] = torch.tensor([1.0, 1.0, 1.3, 1.0, 1.2, 1.0, 1.0, 1.5, 1.0, 1.0, 1.1, 1.0])
+    got = SamplingTensors(*(t.clone() for t in (ref.temperature, ref.topk, ref.top_p, ref.seed, ref.step,
+                                                 ref.rep_penalty, ref.recent)))
+    for frame in range(3):
+        for cb in range(K):
+            logits = (torch.randn(B, V, generator=g) * 3).to(DEVICE)
+            ids = torch.tensor([cb], device=DEVICE)
+            want = sample(logits, ref, ids)
+            torch.testing.assert_close(fused_sample(logits, got, ids), want, rtol=0, atol=0)
+        ref.step += 1
+        got.step += 1
+    torch.testing.assert_close(got.recent, ref.recent, rtol=0, atol=0)
