@@ -217,6 +217,8 @@ class CSM(nn.Module):
         self.codebook0_head = nn.Linear(D, V, bias=False)
         self.audio_head = nn.Parameter(torch.empty(K - 1, Dd, V))
         self.register_buffer("codebook_offsets", torch.arange(K) * V, persistent=False)
+        # Depth positions as a buffer: a frame slices it instead of launching an add per depth step.
+        self.register_buffer("depth_positions", torch.arange(K + 1), persistent=False)
         nn.init.normal_(self.audio_head, std=0.02)
 
     # ---- caches -------------------------------------------------------------------------
@@ -238,7 +240,8 @@ class CSM(nn.Module):
         return e.sum(dim=-2)
 
     def embed_codebook(self, codebook: int, codes: Tensor) -> Tensor:
-        return self.audio_embeddings(codes + codebook * self.args.audio_vocab_size)
+        V = self.args.audio_vocab_size  # this codebook's rows of the shared table: a view, no offset add
+        return F.embedding(codes, self.audio_embeddings.weight[codebook * V : (codebook + 1) * V])
 
     # ---- forwards -------------------------------------------------------------------------
     def prefill(self, tokens: Tensor, mask: Tensor, pos: Tensor, cache: Tensor) -> Tensor:
@@ -278,10 +281,10 @@ class CSM(nn.Module):
         c = sample(self.codebook0_head(h), 0)
         codes = [c]
         x = torch.stack([h, self.embed_codebook(0, c)], dim=1)  # [B, 2, D]
-        dpos = torch.arange(2, device=h.device).expand(B, 2)
+        dpos = self.depth_positions[:2].expand(B, 2)
         for i in range(1, K):
             c = sample(depth(x, dpos, dcache, self.audio_head[i - 1]), i)
             codes.append(c)
             x = self.embed_codebook(i, c)[:, None]
-            dpos = dpos[:, -1:] + 1
+            dpos = self.depth_positions[i + 1 : i + 2].expand(B, 1)
         return torch.stack(codes, dim=1)

@@ -252,6 +252,7 @@ def reset_buffers(model: CSM, device: torch.device | str) -> None:
     model.backbone.rope = rope_cache(args.backbone, args.backbone.max_seq_len + 1).to(device)
     model.decoder.rope = rope_cache(args.decoder, args.decoder.max_seq_len + 1).to(device)
     model.codebook_offsets = torch.arange(args.num_codebooks, device=device) * args.audio_vocab_size
+    model.depth_positions = torch.arange(args.num_codebooks + 1, device=device)
 
 
 # ---- where files come from: a local folder or a Hugging Face repo (cache first) ---------------

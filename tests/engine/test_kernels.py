@@ -22,8 +22,8 @@ from csm_voice_api.engine.kernels.gemv import linear  # noqa: E402
 from csm_voice_api.engine.model import CSM, ModelArgs, RMSNorm  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
-# fp32 everywhere; on the GPU tl.dot rounds fp32 inputs to tf32.
-TOL = dict(rtol=2e-3, atol=2e-3) if CUDA else dict(rtol=1e-5, atol=1e-5)
+# fp32 everywhere; on the GPU tl.dot rounds fp32 inputs to tf32 (10-bit mantissa), compounding over layers.
+TOL = dict(rtol=2e-2, atol=2e-2) if CUDA else dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(autouse=True)
