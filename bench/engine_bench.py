@@ -292,10 +292,13 @@ def main():
     loaded = types.SimpleNamespace(model=ours, tokenizer=tok, name="csm-1b-random", is_demo=False, prompt_clips=[])
     eng = AsyncEngine(loaded, codec, EngineConfig(device=device.type, max_batch=a.max_batch, voice_cache_size=64))
     results: dict = {"device": name, "date": dt.date.today().isoformat(), "torch": torch.__version__}
-    try:
-        results["commit"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:  # noqa: BLE001 - the device copy may carry no .git
-        results["commit"] = os.environ.get("BENCH_COMMIT", "unknown")
+    # BENCH_COMMIT first: a copied working tree may carry a stale .git (the device machine's does).
+    results["commit"] = os.environ.get("BENCH_COMMIT") or "unknown"
+    if results["commit"] == "unknown":
+        try:
+            results["commit"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        except Exception:  # noqa: BLE001 - no git here: leave it unknown
+            pass
 
     async def run():
         t0 = time.perf_counter()
