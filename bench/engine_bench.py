@@ -98,20 +98,22 @@ def cuda_ms(fn, iters):
 
 
 def pipelined_ms(r, lanes, B, iters) -> float:
-    """Wall ms per frame of the engine's own loop (AsyncEngine._decode): step, Mimi queued on its
-    stream, previous frame's audio and this frame's codes read back. Mimi overlaps the next step."""
+    """Wall ms per frame of the engine's own loop (AsyncEngine._tick): each step is queued (with its
+    codes' copy to the host and its Mimi decode on the codec's stream) before the previous step's
+    outputs are waited for, so neither Mimi nor the host's work holds up the next step."""
     sync = torch.cuda.synchronize if r.device.type == "cuda" else (lambda: None)
     prev = None
     sync()
     t = time.perf_counter()
     for _ in range(iters):
-        r.step(B)
+        _, _, event = r.launch(B)
         ticket = lanes.launch(r.out, r.audible, B)
         if prev is not None:
-            lanes.collect(prev)
-        r.out[:B].cpu()
-        prev = ticket
-    lanes.collect(prev)
+            if prev[0] is not None:
+                prev[0].synchronize()
+            lanes.collect(prev[1])
+        prev = (event, ticket)
+    lanes.collect(prev[1])
     sync()
     return (time.perf_counter() - t) * 1000 / iters
 
@@ -119,7 +121,7 @@ def pipelined_ms(r, lanes, B, iters) -> float:
 def frame_timings(eng: AsyncEngine, batches, iters=30):
     """ms per decode step (all rows live at ~position 300), Mimi decode of those rows, and both."""
     r, lanes = eng.runner, eng._lanes
-    eng._collect_audio()  # the engine's last frame may still hold the codec's other buffer
+    eng.drain()  # the engine's last step may still hold the codec's other buffer
     out = {}
     for B in batches:
         if B > eng.max_batch:

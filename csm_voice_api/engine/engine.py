@@ -174,7 +174,7 @@ class AsyncEngine:
         K = self.num_codebooks
         planner = Planner(lambda seg: segment_rows(seg, self.tokenizer, K), self.runner.max_pos,
                           lambda key: key in self.voice_kv)
-        self.scheduler = Scheduler(planner, self.max_batch, config.prefill_chunk, config.max_waiting)
+        self.scheduler = Scheduler(planner, self.max_batch, config.prefill_chunk, config.max_waiting, lookahead=True)
         self.healthy = True
         self.failure: BaseException | None = None
         self._inbox: deque[tuple] = deque()
@@ -183,7 +183,8 @@ class AsyncEngine:
         self._stopping = False
         self.frames_total = 0
         self.steps_total = 0
-        self._audio_pending: tuple[int, list] | None = None  # (lanes ticket, rows) of the last step's audio
+        self.steps_launched = 0
+        self._inflight: tuple | None = None  # the step queued last tick, its outputs not yet applied
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -381,11 +382,18 @@ class AsyncEngine:
             torch.cuda.empty_cache()
 
     def _tick(self) -> bool:
-        """One engine step: admit, prefill (a chunk, or all when nothing decodes), start rows, decode."""
+        """One engine turn: queue the next decode step first, then apply the previous step's outputs
+        while it runs, then admit, prefill (a chunk, or all when nothing decodes), start and close rows
+        (all queued behind the step, so they take effect from the next one)."""
         s, r = self.scheduler, self.runner
+        rows = s.decode_rows()
+        launched = self._launch(r.bucket_for(rows)) if rows else None
+        did = launched is not None or self._inflight is not None
+        if self._inflight is not None:
+            self._apply(*self._inflight)
+        self._inflight = launched
         s.admit()
         decoding = s.decode_rows() > 0
-        did = False
         budget = s.prefill_chunk  # rows computed per tick while others decode: their deadline holds
         while (budget > 0 or not decoding) and (work := s.next_prefill()) is not None:
             self._prefill(*work)
@@ -396,13 +404,6 @@ class AsyncEngine:
         for slot in s.to_close:
             r.close_row(slot)
         s.to_close.clear()
-        rows = s.decode_rows()
-        if rows:
-            self._decode(r.bucket_for(rows))
-            did = True
-        elif self._audio_pending is not None:  # nothing decodes now: hand out the last frame's audio
-            self._collect_audio()
-            did = True
         return did
 
     def _prefill(self, req: Request, piece: PrefillPiece) -> None:
@@ -427,28 +428,32 @@ class AsyncEngine:
                               p.repetition_penalty)
         self._lanes.reset(req.slot)
         req.status = Status.RUNNING
+        req.start_step = self.steps_launched  # the step in flight, if any, ran its slot without it
 
-    def _decode(self, bucket: int) -> None:
-        """One frame: the step and its Mimi decode are queued, then the host hands out the previous
-        frame's audio (decoded while this step runs) and reads this step's codes."""
-        r = self.runner
-        codes, audible = r.step(bucket)
-        ticket = self._lanes.launch(r.out, r.audible, bucket)
-        self._collect_audio()
-        codes_h = codes.cpu().numpy()
-        audible_h = audible.cpu().numpy()
-        done = self.scheduler.update(codes_h, audible_h, None)
-        self._audio_pending = (ticket, self.scheduler.awaiting_audio)
+    def _launch(self, bucket: int) -> tuple:
+        """Queue a decode step, the copy of its codes to the host, and its Mimi decode (own stream)."""
+        codes, audible, event = self.runner.launch(bucket)
+        ticket = self._lanes.launch(self.runner.out, self.runner.audible, bucket)
+        self.steps_launched += 1
+        return self.steps_launched - 1, codes, audible, event, ticket
+
+    def _apply(self, step: int, codes: torch.Tensor, audible: torch.Tensor, event: Any, ticket: int) -> None:
+        """A queued step's outputs: wait for its codes, update requests, hand out its audio."""
+        if event is not None:
+            event.synchronize()
+        codes_h, audible_h = codes.numpy(), audible.numpy()
+        s = self.scheduler
+        done = s.update(codes_h, audible_h, None, step=step)
+        pcm = self._lanes.collect(ticket)
+        if s.awaiting_audio:
+            s.audio(s.awaiting_audio, pcm)
         for req in done:
-            r.park_row(req.slot)
-        frames = int(audible_h.sum())
-        self.frames_total += frames
+            self.runner.park_row(req.slot)
+        self.frames_total += int(audible_h.sum())
         self.steps_total += 1
 
-    def _collect_audio(self) -> None:
-        if self._audio_pending is not None:
-            ticket, rows = self._audio_pending
-            self._audio_pending = None
-            pcm = self._lanes.collect(ticket)
-            if rows:
-                self.scheduler.audio(rows, pcm)
+    def drain(self) -> None:
+        """Apply the step in flight, if any (engine thread only: benchmarks timing the runner directly)."""
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            self._apply(*inflight)

@@ -51,6 +51,10 @@ class ModelRunner:
         self.sampling = SamplingTensors.allocate(MB, device, self.K, model.args.audio_vocab_size)
         self.out = torch.zeros(MB, self.K, dtype=torch.long, device=device)
         self.audible = torch.zeros(MB, dtype=torch.bool, device=device)  # rows whose frame is speech
+        pin = device.type == "cuda"  # step outputs land here without a sync: two, as two steps overlap
+        self._host_out = [(torch.zeros(MB, self.K, dtype=torch.long, pin_memory=pin),
+                           torch.zeros(MB, dtype=torch.bool, pin_memory=pin)) for _ in range(2)]
+        self._host_turn = 0
         self.buckets = tuple(b for b in BUCKETS if b < max_batch) + (max_batch,)
         self.use_graphs = use_graphs and device.type == "cuda" and not graphs_disabled()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -188,6 +192,22 @@ class ModelRunner:
             self._step(bucket, "compiled/compiled/compiled" if self.compiled is not None else "plain/plain/plain")
         self.audible[bucket:] = False
         return self.out[:bucket], self.audible[:bucket]
+
+    @torch.inference_mode()
+    def launch(self, bucket: int) -> tuple[Tensor, Tensor, torch.cuda.Event | None]:
+        """Queue one step and the copy of its outputs to the host; returns (codes [B, K], audible [B])
+        on the host, valid once the event has completed (None: already), until the launch after next."""
+        codes, audible = self.step(bucket)
+        hc, ha = self._host_out[self._host_turn]
+        self._host_turn ^= 1
+        cuda = self.device.type == "cuda"
+        hc[:bucket].copy_(codes, non_blocking=cuda)
+        ha[:bucket].copy_(audible, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return hc[:bucket], ha[:bucket], event
 
     _MUTATED = ("tokens", "mask", "pos", "finished")
 

@@ -71,6 +71,7 @@ class Request:
     pcm: list[np.ndarray] = field(default_factory=list)  # not yet delivered
     pcm_frames: int = 0
     final: Status | None = None  # how it ends, once known
+    start_step: int = 0  # the first decode step it is in; outputs of earlier steps in its slot are not its own
 
 
 @dataclass
@@ -137,8 +138,12 @@ class Planner:
 
 
 class Scheduler:
-    def __init__(self, planner: Planner, num_slots: int, prefill_chunk: int = 256, max_waiting: int = 1024):
+    def __init__(self, planner: Planner, num_slots: int, prefill_chunk: int = 256, max_waiting: int = 1024,
+                 lookahead: bool = False):
         self.planner = planner
+        # lookahead: the engine queues step t+1 before it applies step t's outputs, so what an update
+        # decides (closing a row) lands one step later: a row at its length limit closes at once.
+        self.lookahead = lookahead
         self.num_slots = num_slots
         self.prefill_chunk = prefill_chunk
         self.max_waiting = max_waiting
@@ -241,19 +246,21 @@ class Scheduler:
         live = [s for s, r in self.running.items() if r.status in _DECODING]
         return max(live) + 1 if live else 0
 
-    def update(self, codes: np.ndarray, audible: np.ndarray, pcm: np.ndarray | None) -> list[Request]:
+    def update(self, codes: np.ndarray, audible: np.ndarray, pcm: np.ndarray | None, step: int | None = None
+               ) -> list[Request]:
         """Apply one decode step's outputs (codes [B, K], audible [B], pcm [B, 1920]).
 
-        With pcm None the audio comes a step later (the engine decodes Mimi while the next step
-        runs): the rows whose frame was kept are left in `awaiting_audio` for `audio()`. A request
-        finishes at least one update after its last kept frame, so its audio is always in first.
+        With pcm None the audio comes separately (the engine decodes Mimi on another stream): the
+        rows whose frame was kept are left in `awaiting_audio` for `audio()`, to be called before the
+        next update; a request finishes at least one update after its last kept frame, so its audio
+        is always in first. `step` is the index of the step these outputs come from.
         Returns requests that finished this step (their slots may now be parked).
         """
         done: list[Request] = []
         self.awaiting_audio = []
         B = codes.shape[0]
         for slot, req in list(self.running.items()):
-            if slot >= B or req.status not in _DECODING:
+            if slot >= B or req.status not in _DECODING or (step is not None and step < req.start_step):
                 continue
             if req.status is Status.CLOSING:
                 self._finish(req, req.final)
@@ -273,6 +280,9 @@ class Scheduler:
                     # Let the last frame be fed like any other, then feed the EOS frame, so the slot's
                     # KV matches the turn as recorded: text, frames, EOS.
                     req.status, req.final = Status.DRAINING, Status.FINISHED_LENGTH
+                    if self.lookahead:  # the step in flight feeds this last frame; the next feeds EOS
+                        req.status = Status.CLOSING
+                        self.to_close.append(slot)
         return done
 
     def audio(self, rows: list[tuple[int, Request]], pcm: np.ndarray) -> None:

@@ -121,6 +121,38 @@ def test_length_limit_drains_then_closes_with_eos_frame():
     assert req.conversation.position == req.start_pos + 3 + 2
 
 
+def test_lookahead_closes_at_the_length_limit_at_once():
+    """With the next step already queued when outputs are applied (the engine's mode), the step in
+    flight feeds the last frame, so the row is closed at once: the EOS frame follows it directly."""
+    s = make()
+    s.lookahead = True
+    req, out = request(Conversation(voice()), frames=3)
+    s.add(req)
+    s.admit()
+    run_prefill(s)
+    for _ in range(3):
+        step(s, 1)
+    assert req.status is Status.CLOSING and s.to_close == [0]
+    step(s, 1)  # the frame fed in flight: its output is not kept
+    assert req.status is Status.FINISHED_LENGTH and out[-1].stop_reason == "max_length"
+    assert sum(c.frames for c in out) == 3
+    assert req.conversation.position == req.start_pos + 3 + 2
+
+
+def test_outputs_of_steps_before_a_request_started_are_not_its_own():
+    s = make()
+    req, out = request(Conversation(voice()), frames=5)
+    s.add(req)
+    s.admit()
+    run_prefill(s)
+    req.start_step = 7
+    codes, silent = np.zeros((1, K), np.int64), np.zeros(1, bool)
+    s.update(codes, silent, np.zeros((1, 1920), np.float32), step=6)  # the slot's previous owner's EOS
+    assert req.status is Status.RUNNING and not req.frames
+    s.update(np.ones((1, K), np.int64), np.ones(1, bool), np.zeros((1, 1920), np.float32), step=7)
+    assert len(req.frames) == 1
+
+
 def test_abort_frees_the_slot_at_once():
     s = make(slots=1)
     conv = Conversation(voice())
