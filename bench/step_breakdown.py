@@ -19,6 +19,7 @@ from csm_voice_api.engine.sampler import sample
 
 
 def graph_ms(fn, iters=20) -> float:
+    """fn captured as one CUDA graph (after two warm-up calls on a side stream) and replayed."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -28,14 +29,7 @@ def graph_ms(fn, iters=20) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    g.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters
+    return ModelRunner._replay_ms(g, iters)
 
 
 @torch.inference_mode()

@@ -27,11 +27,14 @@ def _qkv(layer: Block, x: Tensor) -> Tensor:
     return linear(x, layer.attention.wqkv.weight, norm=layer.attention_norm.weight, eps=layer.attention_norm.eps)
 
 
-class FusedDepth:
-    max_rows = MAX_ROWS
+class _Fused:
+    max_rows = MAX_ROWS  # more rows: the PyTorch pieces (cuBLAS) are faster
 
     def __init__(self, model: CSM):
         self.model = model
+
+
+class FusedDepth(_Fused):
 
     def __call__(self, x: Tensor, dpos: Tensor, dcache: Tensor, head: Tensor) -> Tensor:
         # x: [B, T, D] backbone-dim inputs; dpos: [B, T]; dcache: [L, 2, B, Hkv, S, hd]; head: [Dd, V].
@@ -49,11 +52,7 @@ class FusedDepth:
         return linear(h, head.t(), norm=dec.norm.weight, eps=dec.norm.eps)  # [B, V]
 
 
-class FusedBackbone:
-    max_rows = MAX_ROWS
-
-    def __init__(self, model: CSM):
-        self.model = model
+class FusedBackbone(_Fused):
 
     def __call__(self, tokens: Tensor, mask: Tensor, pos: Tensor, cache: Tensor) -> Tensor:
         # tokens, mask: [B, K+1]; pos: [B]; cache: [L, 2, B, Hkv, S, hd] -> normed hidden [B, D].
