@@ -82,6 +82,10 @@ def _say(args: argparse.Namespace) -> int:
     engine = AsyncEngine.load(settings.engine_config())
     _announce(engine)
     pcm, frames = asyncio.run(_speak(engine, settings, args))
+    if settings.watermark:  # the same mark the server puts on everything it returns
+        from csm_voice_api.api.watermark import watermarker_for
+
+        pcm = watermarker_for(settings, engine).apply(pcm) if pcm.size else pcm
     _write_wav(Path(args.output), pcm)
     print(f"wrote {args.output}: {frames} frames, {len(pcm) / 24000:.2f} s", file=sys.stderr)
     return 0

@@ -38,6 +38,22 @@ def test_say_writes_a_wav_of_whole_frames(tmp_path: Path, capsys):
     assert np.any(pcm != 0)
 
 
+def test_say_output_is_watermarked_unless_turned_off(tmp_path: Path, monkeypatch):
+    def say(name: str) -> np.ndarray:
+        out = tmp_path / name
+        assert cli.main(["say", "Hello there.", "-o", str(out), "--model", "demo", "--device", "cpu",
+                         "--max-ms", "800", "--seed", "5", "--voice", "echo"]) == 0  # fmt: skip
+        with wave.open(str(out)) as w:
+            return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float64)
+
+    marked = say("marked.wav")
+    monkeypatch.setenv("CSM_WATERMARK", "false")
+    plain = say("plain.wav")
+    assert marked.shape == plain.shape and plain.size > 0
+    diff = np.sqrt(np.mean((marked - plain) ** 2)) / np.sqrt(np.mean(plain**2))
+    assert 1e-4 < diff < 0.1  # the watermark's quiet message, not another signal
+
+
 def test_say_refuses_an_unknown_voice(tmp_path: Path):
     with pytest.raises(SystemExit, match="unknown voice"):
         cli.main(["say", "Hi.", "-o", str(tmp_path / "x.wav"), "--model", "demo", "--device", "cpu",

@@ -88,13 +88,16 @@ async def verifier(app: FastAPI) -> Watermarker:
 
 
 async def _load(app: FastAPI) -> Watermarker:
+    # Building or reading the networks takes a while: off the event loop.
+    return await asyncio.to_thread(watermarker_for, app.state.settings, app.state.engine)
+
+
+def watermarker_for(settings: Settings, engine) -> Watermarker:
+    """The watermarker the server (and `csm-voice-api say`) marks this engine's audio with."""
     from csm_voice_api.audio.watermark import load_watermarker
     from csm_voice_api.engine.demo import RANDOM_FULL
 
-    settings: Settings = app.state.settings
-    engine = app.state.engine
-    # Building or reading the networks takes a while: off the event loop.
     # The full-size random model (benchmarks) gets full-size random watermark networks: its cost is real.
     demo = "full-random" if engine.model_name == RANDOM_FULL else engine.is_demo
-    return await asyncio.to_thread(load_watermarker, settings.watermark_key, str(engine.device),
-                                   demo=demo, weights_dir=settings.watermark_weights)  # fmt: skip
+    return load_watermarker(settings.watermark_key, str(engine.device), demo=demo,
+                            weights_dir=settings.watermark_weights)
