@@ -1,4 +1,5 @@
-"""A live uvicorn server for tests: 127.0.0.1 only, a free port, in a thread."""
+"""Live things for tests: the demo engine, a uvicorn server in a thread, the CLI server in a subprocess
+(127.0.0.1 only, free ports)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+
+@contextmanager
+def demo_engine(max_batch: int = 4) -> Iterator[object]:
+    """The demo model's AsyncEngine on the CPU, started; shut down on exit."""
+    import asyncio
+
+    from csm_voice_api.engine.engine import AsyncEngine, EngineConfig
+
+    eng = AsyncEngine.load(EngineConfig(model="demo", device="cpu", max_batch=max_batch))
+    asyncio.run(eng.start())
+    try:
+        yield eng
+    finally:
+        asyncio.run(eng.shutdown())
 
 
 @contextmanager

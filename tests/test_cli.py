@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
 import wave
 from pathlib import Path
 
@@ -17,6 +12,8 @@ import pytest
 
 from csm_voice_api import cli
 from csm_voice_api.config import Settings
+
+from .live import cli_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,25 +100,9 @@ def test_verify_watermark_missing_file(tmp_path: Path, capsys):
 
 @pytest.mark.slow
 def test_serve_runs_the_server_and_prints_the_banner(tmp_path: Path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "CSM_DATA_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "csm_voice_api", "serve", "--model", "demo", "--device", "cpu",
-           "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        assert r.json()["is_demo"] is True
-    finally:
+    # The defaults a user gets: watermark and start-up warm-up on.
+    with cli_server(tmp_path, CSM_WATERMARK="true", CSM_WARMUP="true") as (proc, url):
+        assert httpx.get(f"{url}/health", timeout=5).json()["is_demo"] is True
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "RANDOM NOISE" in err and "HF_TOKEN" in err

@@ -7,7 +7,6 @@ engine serves every test's loop and the live uvicorn server's loop alike.
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -20,17 +19,15 @@ import pytest
 
 from csm_voice_api.app import build_app
 from csm_voice_api.config import Settings
-from csm_voice_api.engine.engine import AsyncEngine, EngineConfig
+from csm_voice_api.engine.engine import AsyncEngine
 
-from ..live import uvicorn_thread
+from ..live import demo_engine, uvicorn_thread
 
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[AsyncEngine]:
-    eng = AsyncEngine.load(EngineConfig(model="demo", device="cpu", max_batch=4))
-    asyncio.run(eng.start())
-    yield eng
-    asyncio.run(eng.shutdown())
+    with demo_engine(4) as eng:
+        yield eng
 
 
 def make_settings(data_dir: Path, **overrides) -> Settings:

@@ -17,9 +17,9 @@ import pytest
 
 from csm_voice_api.app import build_app
 from csm_voice_api.config import Settings
-from csm_voice_api.engine.engine import AsyncEngine, EngineConfig
+from csm_voice_api.engine.engine import AsyncEngine
 
-from ..live import uvicorn_thread
+from ..live import demo_engine, uvicorn_thread
 
 KEY = "sk-test-0123456789abcdef"
 OTHER_KEY = "sk-other-fedcba9876543210"
@@ -27,10 +27,8 @@ OTHER_KEY = "sk-other-fedcba9876543210"
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[AsyncEngine]:
-    eng = AsyncEngine.load(EngineConfig(model="demo", device="cpu", max_batch=4))
-    asyncio.run(eng.start())
-    yield eng
-    asyncio.run(eng.shutdown())
+    with demo_engine(4) as eng:
+        yield eng
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:

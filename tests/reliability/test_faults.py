@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import anyio
@@ -12,10 +11,11 @@ import torch
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from csm_voice_api.engine.engine import AsyncEngine, EngineConfig
+from csm_voice_api.engine.engine import AsyncEngine
 from csm_voice_api.engine.types import Conversation, Sampling, VoicePrompt
 from csm_voice_api.errors import Overloaded
 
+from ..live import demo_engine
 from .conftest import engine_idle, eventually, serve
 
 
@@ -92,10 +92,8 @@ async def test_oom_in_a_decode_step_fails_the_stream_and_the_server_recovers(liv
 @pytest.fixture
 def doomed_engine():
     """A separate engine that a test may kill."""
-    eng = AsyncEngine.load(EngineConfig(model="demo", device="cpu", max_batch=2))
-    asyncio.run(eng.start())
-    yield eng
-    asyncio.run(eng.shutdown())
+    with demo_engine(2) as eng:
+        yield eng
 
 
 async def test_engine_crash_turns_health_red_and_closes_sockets_1011(doomed_engine, monkeypatch, tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from csm_voice_api.engine.engine import AsyncEngine, EngineConfig
+from csm_voice_api.engine.engine import AsyncEngine
 from csm_voice_api.engine.types import FRAME_SAMPLES, Sampling, Segment, VoicePrompt
 from csm_voice_api.errors import (
     InvalidInput,
@@ -29,16 +29,15 @@ from csm_voice_api.sessions.manager import (
 )
 
 from ..audio.media import make_file, tone
+from ..live import demo_engine
 
 SAMPLING = Sampling(temperature=0.9, topk=50, seed=5, max_audio_ms=320)  # 4 frames per phrase at most
 
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[AsyncEngine]:
-    eng = AsyncEngine.load(EngineConfig(model="demo", device="cpu", max_batch=4))
-    asyncio.run(eng.start())
-    yield eng
-    asyncio.run(eng.shutdown())
+    with demo_engine(4) as eng:
+        yield eng
 
 
 class Clock:

@@ -3,7 +3,6 @@ not encoded or generated again; damaged codes are re-encoded once."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import wave
 from collections.abc import Iterator
@@ -15,7 +14,9 @@ import pytest
 
 from csm_voice_api.app import build_app
 from csm_voice_api.config import Settings
-from csm_voice_api.engine.engine import AsyncEngine, EngineConfig
+from csm_voice_api.engine.engine import AsyncEngine
+
+from ..live import demo_engine
 
 SPEECH = {"input": "Still here after a restart.", "response_format": "pcm", "stream": False,
           "max_audio_length_ms": 320, "seed": 6}  # fmt: skip
@@ -23,10 +24,8 @@ SPEECH = {"input": "Still here after a restart.", "response_format": "pcm", "str
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[AsyncEngine]:
-    eng = AsyncEngine.load(EngineConfig(model="demo", device="cpu", max_batch=2))
-    asyncio.run(eng.start())
-    yield eng
-    asyncio.run(eng.shutdown())
+    with demo_engine(2) as eng:
+        yield eng
 
 
 @pytest.fixture
