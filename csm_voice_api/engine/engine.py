@@ -174,7 +174,7 @@ class AsyncEngine:
         K = self.num_codebooks
         planner = Planner(lambda seg: segment_rows(seg, self.tokenizer, K), self.runner.max_pos,
                           lambda key: key in self.voice_kv)
-        self.scheduler = Scheduler(planner, self.max_batch, config.prefill_chunk, config.max_waiting, lookahead=True)
+        self.scheduler = Scheduler(planner, self.max_batch, config.prefill_chunk, config.max_waiting)
         self.healthy = True
         self.failure: BaseException | None = None
         self._inbox: deque[tuple] = deque()
@@ -363,7 +363,7 @@ class AsyncEngine:
         prefilling ones go on), free their rows and slots, return cached blocks, keep the loop running."""
         s = self.scheduler
         one = getattr(exc, "csm_request", None)  # a prefill: that request; a decode: the decoding rows
-        decoding = (Status.RUNNING, Status.DRAINING, Status.CLOSING)
+        decoding = (Status.RUNNING, Status.CLOSING)
         if one is not None:
             failed = [(one.slot, one)]
         else:

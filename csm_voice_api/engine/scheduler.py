@@ -24,7 +24,6 @@ class Status(enum.IntEnum):
     WAITING = 0  # queued for a slot
     PREFILLING = 1
     RUNNING = 2
-    DRAINING = 3  # hit its length limit: one step feeds the last frame, then the EOS frame is fed
     CLOSING = 4  # done speaking; one more step writes its EOS frame's KV
     FINISHED_EOS = 10
     FINISHED_LENGTH = 11
@@ -85,7 +84,7 @@ class Plan:
     rebuilt: bool  # the slot's history was rebuilt from the voice prompt (+ recent turns)
 
 
-_DECODING = (Status.RUNNING, Status.DRAINING, Status.CLOSING)
+_DECODING = (Status.RUNNING, Status.CLOSING)
 
 RowsFn = Callable[[Segment], tuple[Tensor, Tensor]]
 
@@ -138,12 +137,8 @@ class Planner:
 
 
 class Scheduler:
-    def __init__(self, planner: Planner, num_slots: int, prefill_chunk: int = 256, max_waiting: int = 1024,
-                 lookahead: bool = False):
+    def __init__(self, planner: Planner, num_slots: int, prefill_chunk: int = 256, max_waiting: int = 1024):
         self.planner = planner
-        # lookahead: the engine queues step t+1 before it applies step t's outputs, so what an update
-        # decides (closing a row) lands one step later: a row at its length limit closes at once.
-        self.lookahead = lookahead
         self.num_slots = num_slots
         self.prefill_chunk = prefill_chunk
         self.max_waiting = max_waiting
@@ -265,9 +260,6 @@ class Scheduler:
             if req.status is Status.CLOSING:
                 self._finish(req, req.final)
                 done.append(req)
-            elif req.status is Status.DRAINING:
-                req.status = Status.CLOSING
-                self.to_close.append(slot)
             elif not audible[slot]:  # the all-zero frame: the utterance ended
                 req.status, req.final = Status.CLOSING, Status.FINISHED_EOS
             else:
@@ -277,12 +269,11 @@ class Scheduler:
                 else:
                     self.awaiting_audio.append((slot, req))
                 if len(req.frames) >= req.max_frames:
-                    # Let the last frame be fed like any other, then feed the EOS frame, so the slot's
-                    # KV matches the turn as recorded: text, frames, EOS.
-                    req.status, req.final = Status.DRAINING, Status.FINISHED_LENGTH
-                    if self.lookahead:  # the step in flight feeds this last frame; the next feeds EOS
-                        req.status = Status.CLOSING
-                        self.to_close.append(slot)
+                    # The engine queues step t+1 before it applies step t's outputs, so the step in
+                    # flight already feeds this last frame; close the row now and the next step feeds
+                    # the EOS frame: the slot's KV matches the turn as recorded (text, frames, EOS).
+                    req.status, req.final = Status.CLOSING, Status.FINISHED_LENGTH
+                    self.to_close.append(slot)
         return done
 
     def audio(self, rows: list[tuple[int, Request]], pcm: np.ndarray) -> None:

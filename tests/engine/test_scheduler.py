@@ -105,33 +105,16 @@ def test_eos_closes_after_one_more_step_and_records_position():
     assert conv.slot == 0 and 0 not in s.running  # warm, idle
 
 
-def three_frames_spoken(lookahead: bool):
-    """A scheduler whose one request, limited to 3 frames, has just spoken all three."""
+def test_length_limit_closes_at_once_then_the_eos_frame_follows():
+    """The engine queues the next step before it applies this one's outputs, so the step in flight
+    feeds the last frame: the row is closed at once and the EOS frame follows it directly."""
     s = make()
-    s.lookahead = lookahead
     req, out = request(Conversation(voice()), frames=3)
     s.add(req)
     s.admit()
     run_prefill(s)
     for _ in range(3):
         step(s, 1)
-    return s, req, out
-
-
-def test_length_limit_drains_then_closes_with_eos_frame():
-    s, req, out = three_frames_spoken(lookahead=False)
-    assert req.status is Status.DRAINING
-    step(s, 1)
-    assert req.status is Status.CLOSING and s.to_close == [0]
-    step(s, 1)
-    assert req.status is Status.FINISHED_LENGTH and out[-1].stop_reason == "max_length"
-    assert req.conversation.position == req.start_pos + 3 + 2
-
-
-def test_lookahead_closes_at_the_length_limit_at_once():
-    """With the next step already queued when outputs are applied (the engine's mode), the step in
-    flight feeds the last frame, so the row is closed at once: the EOS frame follows it directly."""
-    s, req, out = three_frames_spoken(lookahead=True)
     assert req.status is Status.CLOSING and s.to_close == [0]
     step(s, 1)  # the frame fed in flight: its output is not kept
     assert req.status is Status.FINISHED_LENGTH and out[-1].stop_reason == "max_length"
