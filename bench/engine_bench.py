@@ -97,23 +97,20 @@ def cuda_ms(fn, iters):
     return start.elapsed_time(end) / iters
 
 
-def pipelined_ms(r, lanes, B, iters) -> float:
-    """Wall ms per frame of the engine's own loop (AsyncEngine._tick): each step is queued (with its
-    codes' copy to the host and its Mimi decode on the codec's stream) before the previous step's
-    outputs are waited for, so neither Mimi nor the host's work holds up the next step."""
-    sync = torch.cuda.synchronize if r.device.type == "cuda" else (lambda: None)
+def pipelined_ms(eng: AsyncEngine, B, iters) -> float:
+    """Wall ms per frame of the engine's own loop code (AsyncEngine._launch / _apply): each step is
+    queued (with its codes' copy to the host and its Mimi decode on the codec's stream) before the
+    previous step's outputs are waited for, so neither Mimi nor the host's work holds up the next."""
+    sync = torch.cuda.synchronize if eng.device.type == "cuda" else (lambda: None)
     prev = None
     sync()
     t = time.perf_counter()
     for _ in range(iters):
-        _, _, event = r.launch(B)
-        ticket = lanes.launch(r.out, r.audible, B)
+        launched = eng._launch(B)
         if prev is not None:
-            if prev[0] is not None:
-                prev[0].synchronize()
-            lanes.collect(prev[1])
-        prev = (event, ticket)
-    lanes.collect(prev[1])
+            eng._apply(*prev)
+        prev = launched
+    eng._apply(*prev)
     sync()
     return (time.perf_counter() - t) * 1000 / iters
 
@@ -141,7 +138,7 @@ def frame_timings(eng: AsyncEngine, batches, iters=30):
                 r.step(B)
                 lanes.step(r.out, r.audible, B)
             serial = cuda_ms(both, iters)
-            total = pipelined_ms(r, lanes, B, iters)
+            total = pipelined_ms(eng, B, iters)
             r.pos[:B] = r.parked
             r.active[:B] = False
         out[B] = {"step_ms": step, "mimi_ms": mimi, "serial_ms": serial, "frame_ms": total, "agg_fps": B * 1000 / total}
