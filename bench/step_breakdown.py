@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -66,6 +67,36 @@ def breakdown(r: ModelRunner, B: int) -> dict:
     return out
 
 
+def mimi_ms(codec: MimiCodec, B: int, iters: int = 20) -> dict:
+    """One Mimi frame for B rows: eager (moshi's partial graphs) and as one graph (capture())."""
+    out = {}
+    codes = torch.randint(0, 2048, (B, 32), device="cuda")
+    on = torch.ones(B, dtype=torch.bool, device="cuda")
+    for name in ("eager", "graphed"):
+        with codec.streaming(B) as dec:
+            if name == "graphed":
+                dec.capture()
+            dec.step(codes, on)
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            for _ in range(iters):
+                dec.step(codes, on)
+            t1.record()
+            torch.cuda.synchronize()
+            out[f"mimi_{name}"] = t0.elapsed_time(t1) / iters
+    return out
+
+
+def pdl_ms(r: ModelRunner, B: int) -> dict:
+    """The all-Triton frame captured with and without programmatic dependent launch."""
+    out = {}
+    for flag in ("1", "0"):
+        os.environ["CSM_PDL"] = flag
+        out[f"frame_triton_pdl{flag}"] = graph_ms(lambda: r._step(B, "triton/triton/triton"))
+    os.environ["CSM_PDL"] = "1"
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,8")
@@ -81,18 +112,9 @@ def main():
     res = {"device": torch.cuda.get_device_name(), "capture_timings_ms": r.timings}
     for B in batches:
         res[B] = breakdown(r, B)
-        with codec.streaming(B) as dec:
-            codes = torch.randint(0, 2048, (B, 32), device="cuda")
-            on = torch.ones(B, dtype=torch.bool, device="cuda")
-            t0 = torch.cuda.Event(enable_timing=True)
-            t1 = torch.cuda.Event(enable_timing=True)
-            dec.step(codes, on)
-            t0.record()
-            for _ in range(20):
-                dec.step(codes, on)
-            t1.record()
-            torch.cuda.synchronize()
-            res[B]["mimi"] = t0.elapsed_time(t1) / 20
+        res[B].update(mimi_ms(codec, max(B, 8)))  # the engine's first Mimi lane holds 8 rows
+        if r.fused is not None and B <= r.fused[1].max_rows:
+            res[B].update(pdl_ms(r, B))
         print(B, json.dumps(res[B], default=float), flush=True)
     print(json.dumps(res, default=float))
 

@@ -134,13 +134,22 @@ class MimiCodec:
 
 
 class StreamingDecoder:
-    """One Mimi frame per row per `step`; rows advance only where `active`."""
+    """One Mimi frame per row per `step`; rows advance only where `active`.
+
+    After `capture()` (CUDA only) a step is one CUDA graph replay. moshi graphs only its decoder
+    transformer and SEANet decoder; the RVQ decode before them (32 table lookups and adds), the
+    upsampling and the exec-mask writes stay eager: ~100 small kernels and their Python, once per
+    frame on the engine thread. The streaming state is updated in place, so the graph stays valid
+    across steps and resets.
+    """
 
     def __init__(self, model: MimiModel, batch_size: int, num_codebooks: int, device: torch.device):
         self._model = model
         self.batch_size = batch_size
         self.num_codebooks = num_codebooks
         self.device = device
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # codes, active, pcm
 
     @torch.no_grad()
     def step(self, codes: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -153,11 +162,51 @@ class StreamingDecoder:
             raise ValueError(
                 f"codes must be [{self.batch_size}, {self.num_codebooks}], got {tuple(codes.shape)}"
             )
+        if self._graph is None:
+            return self._step(codes, active)
+        codes_in, active_in, pcm = self._static
+        codes_in.copy_(codes)
+        active_in.copy_(active)
+        self._graph.replay()
+        return pcm.clone()  # the graph's buffer is rewritten by the next step
+
+    def _step(self, codes: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         active = active.to(self.device, torch.bool)
         self._model.set_exec_mask(active)
         pcm = self._model.decode(_mimi_ids(codes, self.device)[:, :, None])  # [B, 1, 1920]
         pcm = pcm[:, 0].float()
         return torch.where(active[:, None], pcm, torch.zeros_like(pcm))
+
+    @property
+    def captured(self) -> bool:
+        return self._graph is not None
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Make every later `step` one CUDA graph replay (CUDA only; a fresh or reset decoder).
+
+        The warm-up and the capture run with no row active, which leaves every row's state as it
+        was; all rows are reset after, as if just opened.
+        """
+        from moshi.utils.compile import no_cuda_graph
+
+        if self.device.type != "cuda" or self._graph is not None:
+            return
+        codes = torch.zeros(self.batch_size, self.num_codebooks, dtype=torch.long, device=self.device)
+        active = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+        graph = torch.cuda.CUDAGraph()
+        # moshi's own partial graphs run plain inside ours. thread_local: the engine's neighbours
+        # (watermark workers) may use the device while this is captured.
+        with no_cuda_graph():
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._step(codes, active)  # warm-up: cuDNN algorithms, allocator
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                pcm = self._step(codes, active)
+        self._graph, self._static = graph, (codes, active, pcm)
+        self.reset(torch.ones(self.batch_size, dtype=torch.bool, device=self.device))
 
     @torch.no_grad()
     def reset(self, rows: torch.Tensor) -> None:

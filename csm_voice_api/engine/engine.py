@@ -52,16 +52,22 @@ class CodecLanes:
     a frame's decode runs on a second stream while the next decode step runs on the first:
     `launch` queues it, `collect` (a step later) waits for it. Inputs and outputs are double
     buffered, so a queued decode never reads codes or writes pcm that the other side still uses.
+    With `graphs`, each lane's step is one CUDA graph (StreamingDecoder.capture).
     """
 
     EDGES = (8, 64, 256, 1024)
 
-    def __init__(self, codec: Any, max_batch: int, num_codebooks: int, stack: contextlib.ExitStack):
+    def __init__(self, codec: Any, max_batch: int, num_codebooks: int, stack: contextlib.ExitStack,
+                 graphs: bool = False):
         edges = [0] + [e for e in self.EDGES if e < max_batch] + [max_batch]
         self.lanes = [(a, b, stack.enter_context(codec.streaming(b - a))) for a, b in zip(edges, edges[1:])]
         self.device = codec.device
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None
+        if cuda and graphs:
+            with self._on_stream():
+                for _, _, dec in self.lanes:
+                    dec.capture()
         self.pcm = torch.zeros(max_batch, 1920, device=self.device)
         self.codes = [torch.zeros(max_batch, num_codebooks, dtype=torch.long, device=self.device) for _ in range(2)]
         self.audible = [torch.zeros(max_batch, dtype=torch.bool, device=self.device) for _ in range(2)]
@@ -335,7 +341,8 @@ class AsyncEngine:
                     # The engine's work on a high-priority stream: Mimi's stream (CodecLanes) and the
                     # watermark workers' streams then fill only the SMs a decode step leaves idle.
                     stack.enter_context(torch.cuda.stream(torch.cuda.Stream(self.device, priority=-1)))
-                self._lanes = CodecLanes(self.codec, self.max_batch, self.num_codebooks, stack)
+                self._lanes = CodecLanes(self.codec, self.max_batch, self.num_codebooks, stack,
+                                         graphs=self.runner.use_graphs)
                 while not self._stopping:
                     self._drain_inbox()
                     try:

@@ -1,31 +1,44 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
 
-from csm_voice_api.audio.codec import FRAME_SAMPLES, MimiCodec
+from csm_voice_api.audio.codec import FRAME_SAMPLES, MimiCodec, StreamingDecoder
 
 K = 32
 
 
-CUDA = pytest.param(
-    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
-)
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
 
 
-@pytest.fixture(scope="module", params=["cpu", CUDA])
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=GPU), pytest.param("cuda-graph", marks=GPU)])
 def codec(request) -> Iterator[MimiCodec]:
-    """The tiny random Mimi; on CUDA its streaming steps also go through moshi's CUDA graphs."""
+    """The tiny random Mimi. On CUDA its streaming steps go through moshi's partial CUDA graphs;
+    with "cuda-graph" every streaming decoder is also captured whole (StreamingDecoder.capture),
+    as the engine runs it."""
     if request.param == "cpu":
         torch.set_num_threads(1)
     # TF32 would make streaming and offline differ by more than fp32 rounding
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield MimiCodec.load(None, request.param, tiny=True, seed=0)
+    codec = MimiCodec.load(None, request.param.split("-")[0], tiny=True, seed=0)
+    if request.param == "cuda-graph":
+        opened = codec.streaming
+
+        @contextmanager
+        def captured(batch_size: int) -> Iterator[StreamingDecoder]:
+            with opened(batch_size) as dec:
+                dec.capture()
+                assert dec.captured
+                yield dec
+
+        codec.streaming = captured  # type: ignore[method-assign]
+    yield codec
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
@@ -162,7 +175,7 @@ def test_missing_weights_file_names_the_path(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
 def test_full_size_random_mimi_round_trips_a_frame(tmp_path, device: str) -> None:
     from safetensors.torch import save_file
 
@@ -172,10 +185,14 @@ def test_full_size_random_mimi_round_trips_a_frame(tmp_path, device: str) -> Non
     assert codes.shape == (K, 1)
     pcm = codec.decode(codes)
     assert pcm.shape == (FRAME_SAMPLES,) and np.isfinite(pcm).all()
-    with codec.streaming(1) as dec:
-        for _ in range(3):  # on CUDA: eager, then graph capture, then replay
-            assert_close(dec.step(codes.T, torch.tensor([True]))[0].cpu(), torch.from_numpy(pcm), atol=1e-4, rtol=1e-3)
-            dec.reset(torch.tensor([True]))
+    for whole_graph in [False, True] if device == "cuda" else [False]:
+        with codec.streaming(1) as dec:
+            if whole_graph:
+                dec.capture()
+            for _ in range(3):  # on CUDA: eager, then moshi's graph capture, then replay
+                got = dec.step(codes.T, torch.tensor([True]))[0].cpu()
+                assert_close(got, torch.from_numpy(pcm), atol=1e-4, rtol=1e-3)
+                dec.reset(torch.tensor([True]))
     # the weights path goes through moshi's own loader
     path = tmp_path / "mimi.safetensors"
     save_file({k: v.contiguous() for k, v in codec.model.state_dict().items()}, str(path))

@@ -3,6 +3,8 @@
 The depth decoder runs 31 sequential steps of 4 layers per frame; in plain PyTorch each layer is a
 dozen tiny kernels, so a frame is launch-bound. Here a layer is five kernels: norm+qkv, attention
 (with RoPE and the KV write), out-projection+residual, norm+gate/up+SwiGLU, down-projection+residual.
+
+On Hopper and later the kernels chain with programmatic dependent launch (pdl.py).
 """
 
 from __future__ import annotations
@@ -23,3 +25,4 @@ def available() -> bool:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+

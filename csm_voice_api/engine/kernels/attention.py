@@ -13,14 +13,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .pdl import chain_start, launch_opts
+
 
 @triton.jit
 def _attend_one_kernel(
     qkv_ptr, cache_ptr, rope_ptr, pos_ptr, out_ptr,
     stride_qkv, stride_pos, stride_ckv, stride_crow, stride_chead, stride_cpos, stride_rcs, stride_rpos,
     stride_out, scale,
-    H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, S_PAD: tl.constexpr,
+    H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
+    chain_start(PDL)
     dtype = out_ptr.dtype.element_ty
     m = tl.program_id(0)
     h = tl.program_id(1)
@@ -79,6 +82,6 @@ def attend_one(qkv: Tensor, kv: Tensor, rope: Tensor, pos: Tensor, n_heads: int,
         qkv, kv, rope, pos, out,
         qkv.stride(0), pos.stride(0), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         rope.stride(0), rope.stride(1), out.stride(0), hd ** -0.5,
-        H=n_heads, HKV=n_kv, HD=hd, S_PAD=triton.next_power_of_2(S),
+        H=n_heads, HKV=n_kv, HD=hd, S_PAD=triton.next_power_of_2(S), **launch_opts(),
     )
     return out

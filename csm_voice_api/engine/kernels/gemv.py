@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import interpreting
+from .pdl import chain_start, launch_opts
 
 MAX_ROWS = 16  # more rows than this: cuBLAS is the better kernel
 
@@ -25,8 +26,9 @@ def _linear_kernel(
     x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr,
     M, N, K, stride_xm, stride_wn, stride_wk, stride_om, stride_rm, up_offset, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
+    chain_start(PDL)
     dtype = out_ptr.dtype.element_ty
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,7 +106,7 @@ def linear(x: Tensor, w: Tensor, *, norm: Tensor | None = None, eps: float = 1e-
     args = (x, w, out, residual if residual is not None else out, norm if norm is not None else x,
             M, N, K, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
             residual.stride(0) if residual is not None else 0, N * w.stride(0), eps)
-    flags = dict(BLOCK_M=block_m, NORM=norm is not None, SWIGLU=swiglu, RESIDUAL=residual is not None)
+    flags = dict(BLOCK_M=block_m, NORM=norm is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, **launch_opts())
     if interpreting():  # the interpreter cannot time configs: use a fixed one
         bn, bk = 16, 32
         _linear_kernel[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, **flags)

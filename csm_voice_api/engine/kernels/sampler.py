@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..sampler import SamplingTensors
+from .pdl import chain_start, launch_opts
 
 _M32 = 0xFFFFFFFF
 
@@ -39,8 +40,9 @@ def _fmix32(x):
 def _sample_kernel(
     logits_ptr, stride_l, temp_ptr, topk_ptr, top_p_ptr, seed_ptr, step_ptr, pen_ptr,
     recent_ptr, stride_r0, stride_r1, stride_r2, cb_ptr, out_ptr, V,
-    W: tl.constexpr, BLOCK_V: tl.constexpr,
+    W: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr,
 ):
+    chain_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_V)
     valid = offs < V
@@ -108,6 +110,6 @@ def sample(logits: Tensor, p: SamplingTensors, codebook: Tensor) -> Tensor:
     _sample_kernel[(B,)](
         logits, logits.stride(0), p.temperature, p.topk, p.top_p, p.seed, p.step, p.rep_penalty,
         r, r.stride(0), r.stride(1), r.stride(2), codebook, out, V,
-        W=r.shape[-1], BLOCK_V=triton.next_power_of_2(V), num_warps=8,
+        W=r.shape[-1], BLOCK_V=triton.next_power_of_2(V), num_warps=8, **launch_opts(),
     )
     return out
