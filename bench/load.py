@@ -213,6 +213,11 @@ class Histogram:
 class Scrape:
     stages: dict[str, Histogram] = field(default_factory=dict)
     frames: float | None = None
+    engine: dict[str, float] = field(default_factory=dict)  # the csm_engine_* counters
+
+
+ENGINE_COUNTERS = {"csm_engine_steps_total": "steps", "csm_engine_prefills_total": "prefills",
+                   "csm_engine_prefill_rows_total": "prefill_rows"}
 
 
 def parse_metrics(text: str) -> Scrape:
@@ -225,6 +230,10 @@ def parse_metrics(text: str) -> Scrape:
         name, value = m["name"], float(m["value"])
         if name == "csm_frames_total":
             out.frames = value
+        if name in ENGINE_COUNTERS:
+            out.engine[ENGINE_COUNTERS[name]] = value
+        if name == "csm_engine_thread_seconds_total":
+            out.engine[dict(_LABEL.findall(m["labels"] or "")).get("part", "") + "_s"] = value
         if not name.startswith(STAGE_METRIC + "_"):
             continue
         labels = dict(_LABEL.findall(m["labels"] or ""))
@@ -286,8 +295,25 @@ def server_side(before: Scrape | None, after: Scrape | None, seconds: float) -> 
         return None, None
     frames = None if after.frames is None or before.frames is None else after.frames - before.frames
     server = {"frames": frames, "seconds": round(seconds, 2),
-              "realtime_streams": None if frames is None else round(frames * FRAME_S / seconds, 2)}
+              "realtime_streams": None if frames is None else round(frames * FRAME_S / seconds, 2),
+              **engine_thread(before.engine, after.engine, seconds)}
     return stage_deltas(before, after), server
+
+
+def engine_thread(before: dict[str, float], after: dict[str, float], seconds: float) -> dict:
+    """The engine thread over a level: steps/s, ms per step and where the thread's time went
+    (blocked on steps, prefilling, the rest: scheduling, host work, waiting for the GIL)."""
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    steps, prefills = d.get("steps", 0.0), d.get("prefills", 0.0)
+    if not steps:
+        return {}
+    busy, wait, prefill = d.get("busy_s", 0.0), d.get("wait_s", 0.0), d.get("prefill_s", 0.0)
+    return {"steps_per_s": round(steps / seconds, 1), "ms_per_step": round(busy / steps * 1000, 2),
+            "wait_ms_per_step": round(wait / steps * 1000, 2),
+            "prefill_ms_per_step": round(prefill / steps * 1000, 2),
+            "other_ms_per_step": round((busy - wait - prefill) / steps * 1000, 2),
+            "prefills": int(prefills), "prefill_ms_each": round(prefill / prefills * 1000, 1) if prefills else None,
+            "prefill_rows_each": round(d.get("prefill_rows", 0.0) / prefills, 1) if prefills else None}
 
 
 def stage_table(levels: list[dict]) -> str:
@@ -306,8 +332,11 @@ def stage_table(levels: list[dict]) -> str:
             d = e["stages"].get(name) or {}
             cells.append(cell.format(d.get("count", "-"), _fmt(d.get("mean_ms")), _fmt(d.get("p99_ms"))))
         rows.append(f"{name:<20}" + "".join(" | " + c for c in cells))
-    rt = "".join(f" | {(e.get('server') or {}).get('realtime_streams')!s:^25}" for e in with_stages)
-    rows.append(f"{'engine rt streams':<20}" + rt)
+    for key, label in (("realtime_streams", "engine rt streams"), ("steps_per_s", "engine steps/s"),
+                       ("ms_per_step", "engine ms/step"), ("wait_ms_per_step", "  blocked on GPU"),
+                       ("prefill_ms_per_step", "  prefilling"), ("other_ms_per_step", "  other (host, GIL)"),
+                       ("prefill_ms_each", "prefill ms each"), ("prefill_rows_each", "prefill rows each")):
+        rows.append(f"{label:<20}" + "".join(f" | {(e.get('server') or {}).get(key)!s:^25}" for e in with_stages))
     return "\n".join(rows)
 
 

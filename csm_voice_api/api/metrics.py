@@ -166,6 +166,19 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("csm_active_generations", "Slots generating now.", value=stats.get("active", 0))
         yield GaugeMetricFamily("csm_slots", "Generation slots on the device.", value=stats.get("slots", 0))
         yield GaugeMetricFamily("csm_free_slots", "Slots free now.", value=stats.get("free_slots", 0))
+        yield CounterMetricFamily("csm_engine_steps", "Decode steps run (one frame for every generating slot).",
+                                  value=stats.get("steps_total", 0))
+        thread = CounterMetricFamily(
+            "csm_engine_thread_seconds",
+            "Engine thread time: busy (turns that did work), wait (of which blocked on a step's outputs), "
+            "prefill (of which prompt forwards).", labels=["part"])
+        for part, value in stats.get("seconds", {}).items():
+            thread.add_metric([part], value)
+        yield thread
+        yield CounterMetricFamily("csm_engine_prefills", "Prompt forwards run (KV copies of cached voices not counted).",
+                                  value=stats.get("prefills", 0))
+        yield CounterMetricFamily("csm_engine_prefill_rows", "Prompt rows (positions) forwarded.",
+                                  value=stats.get("prefill_rows", 0))
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # collected lazily: nothing to check for name clashes at registration

@@ -148,26 +148,32 @@ class StreamingDecoder:
         self.batch_size = batch_size
         self.num_codebooks = num_codebooks
         self.device = device
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # codes, active, pcm
+        self._graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None = None  # with reset? -> graph, pcm
+        self._inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # codes, active, reset
 
     @torch.no_grad()
-    def step(self, codes: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def step(self, codes: torch.Tensor, active: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
         """codes [B, K] int64, active [B] bool -> pcm [B, 1920] float32 on the codec's device.
 
-        Rows with `active` False keep their state untouched and return zeros.
+        Rows with `active` False keep their state untouched and return zeros. Rows with `reset`
+        True forget their past first (as `reset` would), in the same graph as the step.
         """
         B, K = codes.shape
         if B != self.batch_size or K != self.num_codebooks:
             raise ValueError(
                 f"codes must be [{self.batch_size}, {self.num_codebooks}], got {tuple(codes.shape)}"
             )
-        if self._graph is None:
+        if self._graphs is None:
+            if reset is not None:
+                self.reset(reset)
             return self._step(codes, active)
-        codes_in, active_in, pcm = self._static
+        codes_in, active_in, reset_in = self._inputs
         codes_in.copy_(codes)
         active_in.copy_(active)
-        self._graph.replay()
+        if reset is not None:
+            reset_in.copy_(reset)
+        graph, pcm = self._graphs[reset is not None]
+        graph.replay()
         return pcm.clone()  # the graph's buffer is rewritten by the next step
 
     def _step(self, codes: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -177,35 +183,45 @@ class StreamingDecoder:
         pcm = pcm[:, 0].float()
         return torch.where(active[:, None], pcm, torch.zeros_like(pcm))
 
+    def _reset_then_step(self, codes: torch.Tensor, active: torch.Tensor, reset: torch.Tensor) -> torch.Tensor:
+        self._model.reset_streaming(reset)
+        return self._step(codes, active)
+
     @property
     def captured(self) -> bool:
-        return self._graph is not None
+        return self._graphs is not None
 
     @torch.no_grad()
     def capture(self) -> None:
         """Make every later `step` one CUDA graph replay (CUDA only; a fresh or reset decoder).
 
-        The warm-up and the capture run with no row active, which leaves every row's state as it
-        was; all rows are reset after, as if just opened.
+        Two graphs: the step, and a reset of some rows followed by the step (so a new stream's
+        reset costs the engine thread one copy, not a hundred small kernels). The warm-up and the
+        captures run with no row active or reset, which leaves every row's state as it was; all
+        rows are reset after, as if just opened.
         """
         from moshi.utils.compile import no_cuda_graph
 
-        if self.device.type != "cuda" or self._graph is not None:
+        if self.device.type != "cuda" or self._graphs is not None:
             return
         codes = torch.zeros(self.batch_size, self.num_codebooks, dtype=torch.long, device=self.device)
         active = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
-        graph = torch.cuda.CUDAGraph()
+        reset = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+        graphs = {}
         # moshi's own partial graphs run plain inside ours. thread_local: the engine's neighbours
         # (watermark workers) may use the device while this is captured.
         with no_cuda_graph():
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self._step(codes, active)  # warm-up: cuDNN algorithms, allocator
+                self._reset_then_step(codes, active, reset)  # warm-up: cuDNN algorithms, allocator
             torch.cuda.current_stream(self.device).wait_stream(side)
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                pcm = self._step(codes, active)
-        self._graph, self._static = graph, (codes, active, pcm)
+            for with_reset in (False, True):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    pcm = self._reset_then_step(codes, active, reset) if with_reset else self._step(codes, active)
+                graphs[with_reset] = (graph, pcm)
+        self._graphs, self._inputs = graphs, (codes, active, reset)
         self.reset(torch.ones(self.batch_size, dtype=torch.bool, device=self.device))
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import threading
+import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
@@ -74,28 +75,44 @@ class CodecLanes:
         self.host = [torch.zeros(max_batch, 1920, pin_memory=cuda) for _ in range(2)]
         self.queued: list[tuple[torch.cuda.Event | None, int] | None] = [None, None]
         self.turn = 0
+        self.resets = np.zeros(max_batch, dtype=bool)  # rows to reset before their next decode
+        self.reset_host = [torch.zeros(max_batch, dtype=torch.bool, pin_memory=cuda) for _ in range(2)]
+        self.reset_dev = [torch.zeros(max_batch, dtype=torch.bool, device=self.device) for _ in range(2)]
 
     def _on_stream(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
-    def step(self, codes: torch.Tensor, audible: torch.Tensor, bucket: int) -> torch.Tensor:
-        """Decode now, on the current stream: codes [MB, K], audible [MB] -> pcm [bucket, 1920]."""
+    def step(self, codes: torch.Tensor, audible: torch.Tensor, bucket: int, reset_rows: np.ndarray | None = None,
+             reset: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode now, on the current stream: codes [MB, K], audible [MB] -> pcm [bucket, 1920].
+        Rows set in `reset_rows` (host) / `reset` (the same mask on the device) start a new stream first."""
         for a, b, dec in self.lanes:
             if a >= bucket:
                 break
-            self.pcm[a:b] = dec.step(codes[a:b], audible[a:b])
+            fresh = reset[a:b] if reset_rows is not None and reset_rows[a:b].any() else None
+            self.pcm[a:b] = dec.step(codes[a:b], audible[a:b], fresh)
         return self.pcm[:bucket]
 
     def launch(self, codes: torch.Tensor, audible: torch.Tensor, bucket: int) -> int:
         """Queue the decode of this step's frame (rows [0, bucket)); returns the ticket for `collect`."""
         i = self.turn
         assert self.queued[i] is None, "collect the previous frame's audio first"
-        self.codes[i][:bucket].copy_(codes[:bucket])  # on the step's stream: ordered after the step
-        self.audible[i][:bucket].copy_(audible[:bucket])
+        rows = next(b for a, b, _ in self.lanes if b >= bucket)  # the lanes it runs cover rows [0, rows)
+        # On the step's stream, so ordered after the step; rows past the bucket are parked (not audible).
+        self.codes[i][:rows].copy_(codes[:rows])
+        self.audible[i][:rows].copy_(audible[:rows])
+        reset_rows = None
+        if self.resets[:rows].any():
+            reset_rows = self.resets.copy()
+            reset_rows[rows:] = False
+            self.resets[:rows] = False
+            self.reset_host[i].copy_(torch.from_numpy(reset_rows))
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with self._on_stream():
-            pcm = self.step(self.codes[i], self.audible[i], bucket)
+            if reset_rows is not None:
+                self.reset_dev[i].copy_(self.reset_host[i], non_blocking=self.stream is not None)
+            pcm = self.step(self.codes[i], self.audible[i], bucket, reset_rows, self.reset_dev[i])
             self.host[i][:bucket].copy_(pcm, non_blocking=self.stream is not None)
             event = None
             if self.stream is not None:
@@ -113,12 +130,8 @@ class CodecLanes:
         return self.host[ticket][:bucket].numpy()
 
     def reset(self, slot: int) -> None:
-        with self._on_stream():  # ordered after frames queued before it, before frames queued after
-            for a, b, dec in self.lanes:
-                if a <= slot < b:
-                    rows = torch.zeros(b - a, dtype=torch.bool, device=self.device)
-                    rows[slot - a] = True
-                    dec.reset(rows)
+        """Start `slot` on a new stream: done by its lane's next decode, before that frame."""
+        self.resets[slot] = True
 
 
 class VoiceKVCache:
@@ -174,7 +187,7 @@ class AsyncEngine:
         self.codec = codec
         model = loaded.model.to(self.device, self.dtype).eval()
         self.runner = ModelRunner(model, self.max_batch, self.device, self.dtype, config.cuda_graphs,
-                                  config.compile)
+                                  config.compile, prefill_rows=config.prefill_chunk)
         self.num_codebooks = model.args.num_codebooks
         self.voice_kv = VoiceKVCache(config.voice_cache_size)
         K = self.num_codebooks
@@ -191,6 +204,11 @@ class AsyncEngine:
         self.steps_total = 0
         self.steps_launched = 0
         self._inflight: tuple | None = None  # the step queued last tick, its outputs not yet applied
+        # Where the engine thread's time goes (exported by /metrics; bench/load.py reads them):
+        # busy: ticks that did work; wait: blocked on a step's outputs; prefill: prompt forwards.
+        self.seconds = {"busy": 0.0, "wait": 0.0, "prefill": 0.0}
+        self.prefills = 0
+        self.prefill_rows = 0
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -233,6 +251,9 @@ class AsyncEngine:
             "frames_total": self.frames_total,
             "steps_total": self.steps_total,
             "voice_cache": len(self.voice_kv),
+            "seconds": dict(self.seconds),
+            "prefills": self.prefills,
+            "prefill_rows": self.prefill_rows,
         }
 
     async def ping(self) -> None:
@@ -392,6 +413,7 @@ class AsyncEngine:
         """One engine turn: queue the next decode step first, then apply the previous step's outputs
         while it runs, then admit, prefill (a chunk, or all when nothing decodes), start and close rows
         (all queued behind the step, so they take effect from the next one)."""
+        started = time.perf_counter()
         s, r = self.scheduler, self.runner
         rows = s.decode_rows()
         launched = self._launch(r.bucket_for(rows)) if rows else None
@@ -411,14 +433,22 @@ class AsyncEngine:
         for slot in s.to_close:
             r.close_row(slot)
         s.to_close.clear()
+        if did:
+            self.seconds["busy"] += time.perf_counter() - started
         return did
 
     def _prefill(self, req: Request, piece: PrefillPiece) -> None:
+        started = time.perf_counter()
         try:
             self._prefill_piece(req, piece)
         except torch.OutOfMemoryError as exc:
             exc.csm_request = req  # type: ignore[attr-defined]  # only this request was in the step
             raise
+        finally:
+            self.seconds["prefill"] += time.perf_counter() - started
+        if piece.tokens is not None:
+            self.prefills += 1
+            self.prefill_rows += len(piece.tokens)
 
     def _prefill_piece(self, req: Request, piece: PrefillPiece) -> None:
         if piece.voice_key is not None:
@@ -447,7 +477,9 @@ class AsyncEngine:
     def _apply(self, step: int, codes: torch.Tensor, audible: torch.Tensor, event: Any, ticket: int) -> None:
         """A queued step's outputs: wait for its codes, update requests, hand out its audio."""
         if event is not None:
+            started = time.perf_counter()
             event.synchronize()
+            self.seconds["wait"] += time.perf_counter() - started
         codes_h, audible_h = codes.numpy(), audible.numpy()
         s = self.scheduler
         done = s.update(codes_h, audible_h, None, step=step)

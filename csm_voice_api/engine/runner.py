@@ -20,6 +20,7 @@ from .sampler import SamplingTensors, sample
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)  # prompt rows per captured prefill
 
 
 def graphs_disabled() -> bool:
@@ -33,14 +34,16 @@ def compile_requested(default: bool) -> bool:
 
 class ModelRunner:
     def __init__(self, model: CSM, max_batch: int, device: torch.device, dtype: torch.dtype, use_graphs: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, prefill_rows: int = 256):
         self.model = model
         self.device, self.dtype = device, dtype
         self.max_batch = max_batch
         self.K = model.args.num_codebooks
         self.max_pos = model.args.backbone.max_seq_len  # usable positions per row
         self.parked = self.max_pos  # the spare position parked rows write to
-        self.cache = model.backbone_cache(max_batch, dtype, device)  # [L, 2, MB, Hkv, S+1, hd]
+        # [L, 2, MB + 1, Hkv, S+1, hd]: row MB is the staging row captured prefills run in.
+        self.cache = model.backbone_cache(max_batch + 1, dtype, device)
+        self.stage = max_batch
         self.dcache = model.decoder_cache(max_batch, dtype, device)
         MB, C = max_batch, self.K + 1
         self.tokens = torch.zeros(MB, C, dtype=torch.long, device=device)
@@ -57,6 +60,21 @@ class ModelRunner:
         self._host_turn = 0
         self.buckets = tuple(b for b in BUCKETS if b < max_batch) + (max_batch,)
         self.use_graphs = use_graphs and device.type == "cuda" and not graphs_disabled()
+        # Prefill pieces up to prefill_rows rows (the scheduler's chunk), padded to these sizes.
+        self.prefill_buckets = tuple(b for b in PREFILL_BUCKETS if b < prefill_rows) + (prefill_rows,)
+        self.staged_prefill = self.use_graphs  # through the staging row (graphs need one fixed row)
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        P = self.prefill_buckets[-1]
+        # The captured prefills' inputs: tokens, mask and positions go up as one copy from a ring
+        # of pinned host buffers (an async copy, queued behind the decode step in flight, and the
+        # host moves on; a buffer is rewritten only once its copy is done).
+        self._p_host = [torch.zeros(3, P, C, dtype=torch.long, pin_memory=device.type == "cuda") for _ in range(16)]
+        self._p_sent: list[torch.cuda.Event | None] = [None] * len(self._p_host)
+        self._p_turn = 0
+        self._p_in = torch.zeros(3, P, C, dtype=torch.long, device=device)
+        self.p_tokens = self._p_in[0]
+        self.p_mask = torch.zeros(P, C, dtype=torch.bool, device=device)
+        self.p_pos = torch.full((P,), self.parked, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.timings: dict[int, dict[str, float]] = {}  # bucket -> replay ms of each variant tried
         self.codebook_ids = torch.arange(self.K, device=device)  # tensors, so compiled code is not specialised per codebook
@@ -120,9 +138,66 @@ class ModelRunner:
         """Write the KV of rows tokens/mask [T, K+1] at positions [start, start+T) of `slot`."""
         T = tokens.shape[0]
         assert start + T <= self.max_pos, "caller must enforce the context window"
+        if self.staged_prefill and T <= self.prefill_buckets[-1]:
+            self._staged_prefill(slot, tokens, mask, start)
+            return
         pos = torch.arange(start, start + T, device=self.device)[None]
         self.model.prefill(tokens[None].to(self.device), mask[None].to(self.device), pos,
                            self.cache[:, :, slot : slot + 1])
+
+    def _staged_prefill(self, slot: int, tokens: Tensor, mask: Tensor, start: int) -> None:
+        """The same KV, computed in the staging row by the captured prefill of the next bucket size.
+
+        An eager prefill is ~400 small kernels, each a trip through Python for the engine thread,
+        which shares the GIL with the event loop and the watermark workers: under load it took
+        25-30 ms for 30 rows (measured). Here it is a handful of copies and one replay. The slot's
+        rows before `start` are copied into the staging row (attention reads them), the prompt is
+        padded with rows at the parked position (their KV lands there, never read), and the new
+        rows are copied back.
+        """
+        T = tokens.shape[0]
+        bucket = next(b for b in self.prefill_buckets if b >= T)
+        if start:
+            self.cache[:, :, self.stage, :, :start].copy_(self.cache[:, :, slot, :, :start])
+        j = self._p_turn
+        self._p_turn = (j + 1) % len(self._p_host)
+        if self._p_sent[j] is not None:
+            self._p_sent[j].synchronize()
+        host = self._p_host[j][:, :bucket]
+        host.zero_()
+        host[0, :T], host[1, :T] = tokens, mask
+        host[2, :, 0] = self.parked
+        host[2, :T, 0] = torch.arange(start, start + T)
+        cuda = self.device.type == "cuda"
+        self._p_in[:, :bucket].copy_(host, non_blocking=cuda)  # same stream: after the last prefill read it
+        if cuda:
+            self._p_sent[j] = torch.cuda.Event()
+            self._p_sent[j].record()
+        self.p_mask[:bucket].copy_(self._p_in[1, :bucket])
+        self.p_pos[:bucket].copy_(self._p_in[2, :bucket, 0])
+        if self.use_graphs:
+            graph = self.prefill_graphs.get(bucket) or self._capture_prefill(bucket)
+            graph.replay()
+        else:
+            self._prefill_stage(bucket)
+        self.cache[:, :, slot, :, start : start + T].copy_(self.cache[:, :, self.stage, :, start : start + T])
+
+    def _prefill_stage(self, bucket: int) -> None:
+        self.model.prefill(self.p_tokens[None, :bucket], self.p_mask[None, :bucket], self.p_pos[None, :bucket],
+                           self.cache[:, :, self.stage : self.stage + 1])
+
+    def _capture_prefill(self, bucket: int) -> torch.cuda.CUDAGraph:
+        """Capture the staging-row prefill of `bucket` rows (it only ever writes the staging row)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._prefill_stage(bucket)  # warm-up outside the graph (cuBLAS handles, allocator)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool()):
+            self._prefill_stage(bucket)
+        self.prefill_graphs[bucket] = graph
+        return graph
 
     @torch.inference_mode()
     def read_kv(self, slot: int, length: int) -> Tensor:
@@ -276,3 +351,7 @@ class ModelRunner:
             for b in self.buckets:
                 if b not in self.graphs:
                     self._capture(b)
+            with torch.inference_mode():
+                for b in self.prefill_buckets:
+                    if b not in self.prefill_graphs:
+                        self._capture_prefill(b)

@@ -152,15 +152,16 @@ async def test_prompt_that_cannot_fit_is_refused(engine, voice):
 
 async def _streamed_equals_offline(engine, voice, atol):
     """Audio handed out frame by frame (Mimi decoded a step behind the codes, on its own CUDA
-    stream there) equals an offline decode of the turn's codes, for several rows at once."""
-    convs = [Conversation(voice) for _ in range(3)]
-    outs = await asyncio.gather(*(speak(engine, c, t, chunk_frames=1) for c, t in
-                                  zip(convs, ["One two three.", "Four.", "Five six seven eight."])))
-    for conv, (chunks, pcm) in zip(convs, outs):
-        offline = engine.codec.decode(conv.turns[-1].codes)
-        assert len(pcm) == len(offline) > 0
-        torch.testing.assert_close(torch.from_numpy(pcm), torch.from_numpy(offline), atol=atol, rtol=1e-3)
-        engine.release(conv)
+    stream there) equals an offline decode of the turn's codes, for several rows at once. Twice:
+    the second round's requests reuse the first's slots, whose Mimi state must start afresh."""
+    for texts in (["One two three.", "Four.", "Five six seven eight."], ["Nine ten.", "Eleven twelve thirteen."]):
+        convs = [Conversation(voice) for _ in texts]
+        outs = await asyncio.gather(*(speak(engine, c, t, chunk_frames=1) for c, t in zip(convs, texts)))
+        for conv, (chunks, pcm) in zip(convs, outs):
+            offline = engine.codec.decode(conv.turns[-1].codes)
+            assert len(pcm) == len(offline) > 0
+            torch.testing.assert_close(torch.from_numpy(pcm), torch.from_numpy(offline), atol=atol, rtol=1e-3)
+            engine.release(conv)
 
 
 async def test_streamed_audio_equals_offline_decode(engine, voice):
