@@ -112,3 +112,58 @@ def test_poetry_check_lock_passes():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "All set!" in result.stdout
+
+
+# Imported by the package but deliberately not a declared dependency: silentcipher is installed
+# with --no-deps by scripts/setup.sh (its torch<=2.0 must not reach the resolver).
+_UNDECLARED_OK = {"silentcipher"}
+
+
+def _runtime_closure(names: set[str]) -> set[str]:
+    """The runtime dependencies and everything they require (no extras), as installed here."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            reqs = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        for line in reqs:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(req.name))
+    return seen
+
+
+def test_every_module_level_import_of_the_package_is_a_runtime_dependency():
+    """What the server imports when it starts must come with the runtime install (setup.sh without
+    --dev): a dev-only dependency imported at module level passes CI (dev extras) and breaks
+    `serve`, as httpx did. Imports inside functions are the optional features' (YouTube, ASR)."""
+    import ast
+    import sys
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = _runtime_closure({canonicalize_name(Requirement(d).name) for d in project["dependencies"]})
+    dists = packages_distributions()
+    missing = set()
+    for path in (ROOT / "csm_voice_api").rglob("*.py"):
+        for node in ast.parse(path.read_text(), str(path)).body:  # module level only
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for top in {n.split(".")[0] for n in names}:
+                if top in sys.stdlib_module_names or top in _UNDECLARED_OK or top in ("csm_voice_api", "__future__"):
+                    continue
+                if not {canonicalize_name(d) for d in dists.get(top, [top])} & runtime:
+                    missing.add(f"{top} ({path.relative_to(ROOT)})")
+    assert not missing, f"imported at module level but not a runtime dependency: {sorted(missing)}"
