@@ -15,22 +15,13 @@ import torch
 
 from csm_voice_api.audio.codec import MimiCodec
 from csm_voice_api.engine.demo import build_random_full
-from csm_voice_api.engine.runner import ModelRunner
+from csm_voice_api.engine.runner import ModelRunner, captured
 from csm_voice_api.engine.sampler import sample
 
 
 def graph_ms(fn, iters=20) -> float:
     """fn captured as one CUDA graph (after two warm-up calls on a side stream) and replayed."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return ModelRunner._replay_ms(g, iters)
+    return ModelRunner._replay_ms(captured(fn), iters)
 
 
 @torch.inference_mode()

@@ -27,6 +27,21 @@ def graphs_disabled() -> bool:
     return os.environ.get("CSM_NO_CUDA_GRAPH", "") not in ("", "0")
 
 
+def captured(fn, warmups: int = 2, pool=None) -> torch.cuda.CUDAGraph:
+    """fn as a CUDA graph, after `warmups` plain calls on a side stream (compilation, autotuning,
+    the allocator and cuBLAS handles settle outside the graph). The warm-up calls do run."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph
+
+
 def compile_requested(default: bool) -> bool:
     v = os.environ.get("CSM_COMPILE")
     return default if v is None else v not in ("", "0")
@@ -188,15 +203,7 @@ class ModelRunner:
 
     def _capture_prefill(self, bucket: int) -> torch.cuda.CUDAGraph:
         """Capture the staging-row prefill of `bucket` rows (it only ever writes the staging row)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._prefill_stage(bucket)  # warm-up outside the graph (cuBLAS handles, allocator)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool()):
-            self._prefill_stage(bucket)
-        self.prefill_graphs[bucket] = graph
+        graph = self.prefill_graphs[bucket] = captured(lambda: self._prefill_stage(bucket), 1, self._pool())
         return graph
 
     @torch.inference_mode()
@@ -317,16 +324,7 @@ class ModelRunner:
         return best[2]
 
     def _capture_variant(self, bucket: int, variant: str) -> torch.cuda.CUDAGraph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (compilation, autotuning, allocator, cuBLAS handles)
-                self._step(bucket, variant)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool()):
-            self._step(bucket, variant)
-        return graph
+        return captured(lambda: self._step(bucket, variant), 2, self._pool())
 
     @staticmethod
     def _replay_ms(graph: torch.cuda.CUDAGraph, n: int = 5) -> float:

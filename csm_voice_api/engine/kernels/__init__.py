@@ -25,4 +25,3 @@ def available() -> bool:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
-
