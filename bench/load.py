@@ -104,14 +104,18 @@ async def speech_client(c: httpx.AsyncClient, args: argparse.Namespace, run: Run
 
 async def ws_client(c: httpx.AsyncClient, args: argparse.Namespace, run: Run, stop: float, i: int) -> None:
     form = {"voice_id": "alloy", "output_format": "pcm", "max_audio_length_ms": str(args.audio_ms)}
-    try:
-        r = await c.post("/v1/streaming-session", data=form, headers=headers(args.api_key))
-    except (httpx.HTTPError, OSError) as e:
-        run.utterances.append(Utterance("ws", False, f"error:{type(e).__name__}"))
-        return
-    if r.status_code in (429, 503):
+    while True:  # a refused session is retried after Retry-After, as a real client would
+        try:
+            r = await c.post("/v1/streaming-session", data=form, headers=headers(args.api_key))
+        except (httpx.HTTPError, OSError) as e:
+            run.utterances.append(Utterance("ws", False, f"error:{type(e).__name__}"))
+            return
+        if r.status_code not in (429, 503):
+            break
         run.utterances.append(Utterance("ws", False, "rejected"))
-        return
+        await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+        if time.monotonic() >= stop:
+            return
     if r.status_code != 200:
         run.utterances.append(Utterance("ws", False, f"error:open {r.status_code}"))
         return

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from csm_voice_api.api import errors, forms, metrics, security
-from csm_voice_api.api.admission import Admission, AdmissionMiddleware
+from csm_voice_api.api.admission import DEFAULT_GPU_STEP_LIMIT_MS, Admission, AdmissionMiddleware, RealtimeLimit
 from csm_voice_api.api.audio_files import OutputStore
 from csm_voice_api.api.audio_out import WatermarkScope
 from csm_voice_api.api.voices import open_voice_service
@@ -89,7 +89,8 @@ def build_app(
     app.state.settings = settings
     app.state.limits = settings.limits()
     app.state.security = security.build_policy(settings)
-    app.state.admission = Admission(lambda: settings.max_inflight or _slots(app), settings.send_timeout_s)
+    app.state.admission = Admission(lambda: settings.max_inflight or _slots(app), settings.send_timeout_s,
+                                    RealtimeLimit(lambda: _engine_stats(app), lambda: _step_limit_ms(app, settings)))
     errors.install(app)
     for name in (*PUBLIC_ROUTERS, *API_ROUTERS):
         app.include_router(importlib.import_module(name).router)
@@ -111,8 +112,20 @@ def build_app(
 
 
 def _slots(app: FastAPI) -> int:
+    return int(_engine_stats(app).get("slots", 1))
+
+
+def _engine_stats(app: FastAPI) -> dict:
     engine = getattr(app.state, "engine", None)
-    return int(engine.stats().get("slots", 1)) if engine is not None else 1
+    return engine.stats() if engine is not None else {}
+
+
+def _step_limit_ms(app: FastAPI, settings: Settings) -> float:
+    if settings.realtime_step_ms is not None:
+        return settings.realtime_step_ms
+    engine = getattr(app.state, "engine", None)
+    on_gpu = engine is not None and getattr(engine.device, "type", "cpu") == "cuda"
+    return DEFAULT_GPU_STEP_LIMIT_MS if on_gpu else 0.0
 
 
 async def _start_engine(settings: Settings) -> AsyncEngine:

@@ -93,9 +93,10 @@ class Settings(BaseSettings):
     # first audio waits for one small piece, a long stream costs about one encode per period.
     # 1 keeps every piece one chunk (most compute). Streams must outpace real time by this factor.
     watermark_stream_growth: float = Field(1.5, ge=1.0, le=4.0)
-    # Threads that watermark response audio, pieces of different streams at once (each thread has
-    # its own silentcipher state and, on CUDA, its own stream). Apart from asyncio's default pool.
-    watermark_workers: int = Field(4, ge=1, le=64)
+    # Threads that hand response pieces to the batched watermark encoder, which marks the pieces
+    # of all waiting streams in one batch: at most this many streams' pieces share a batch. They
+    # mostly wait; apart from asyncio's default pool.
+    watermark_workers: int = Field(64, ge=1, le=512)
     # Default sampling temperature when a request gives none (<= 0 is greedy).
     temperature: float = Field(0.9, ge=0.0, le=5.0)
     # Default top-k when a request gives none.
@@ -114,6 +115,10 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(0, ge=0)
     # Generations (speech, voice-clone, stream-text) in flight at once; 0 means the engine's slot count.
     max_inflight: int = Field(0, ge=0)
+    # Refuse new generations (429) while a decode step takes longer than this, in ms: a step is one
+    # 80 ms frame of every stream, so 80 is real time, and below it streams have headroom. Unset:
+    # 35 on a GPU, off on CPU (the demo model); 0 turns it off.
+    realtime_step_ms: float | None = Field(None, ge=0)
     # Seconds a client may leave a response or socket unread before it is dropped and its slot freed.
     send_timeout_s: float = Field(30.0, gt=0)
     # Largest WebSocket message accepted, in bytes; larger messages close the socket with 1009.

@@ -6,6 +6,15 @@ creation) and refuses one over capacity with 429 + Retry-After before its body i
 or sent to the engine. The count drops when the response ends, however it ends, so a client that
 leaves frees its place at once.
 
+Capacity is also what the GPU keeps in real time (`RealtimeLimit`): each decode step gives every
+generating stream one 80 ms frame, so while recent steps take longer than the limit (35 ms on a
+GPU by default: streams at 2.3x real time, headroom for the watermark's growing pieces and for the
+jitter of a busy host; on an H200, 32 mixed clients ran at 23 ms per step within a 0.2 s stall
+p99: BENCHMARKS.md), one more stream would slow all of them, and new generations get 429 until
+steps are fast again. Streams already accepted go on, and so do the later phrases of an open
+WebSocket session: refusing one mid-conversation would lose it (making them wait for headroom
+was measured worse: a second segment of a turn then stalls).
+
 A client that stops reading blocks our `send` (TCP flow control); after `send_timeout_s` its
 send fails like a disconnect, which aborts the engine work and frees the slot.
 
@@ -30,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from csm_voice_api.api import metrics
 from csm_voice_api.api.errors import csm_error_response, error_response
+from csm_voice_api.engine.types import FRAME_MS
 from csm_voice_api.errors import Overloaded
 
 log = logging.getLogger(__name__)
@@ -39,6 +49,7 @@ log = logging.getLogger(__name__)
 EXEMPT_POSTS = ("/v1/ws-ticket", "/v1/queue/")
 CLOSE_GOING_AWAY = 1001
 RETRY_AFTER_S = 1.0
+DEFAULT_GPU_STEP_LIMIT_MS = 35.0  # CSM_REALTIME_STEP_MS unset on a GPU (off on CPU: a demo, not real time)
 
 
 class SendTimeout(OSError):
@@ -49,16 +60,48 @@ def is_generation(scope: Scope) -> bool:
     return scope["method"] == "POST" and not scope["path"].startswith(EXEMPT_POSTS)
 
 
+class RealtimeLimit:
+    """Whether the engine's streams have real-time headroom for one more, from its own step time."""
+
+    def __init__(self, stats: Callable[[], dict], limit_ms: Callable[[], float]):
+        self.stats = stats  # the engine's stats(): "active" streams and "step_ms", its recent step period
+        self.limit_ms = limit_ms  # 0: no limit
+
+    def refusal(self) -> Overloaded | None:
+        limit = self.limit_ms()
+        if limit <= 0:
+            return None
+        s = self.stats()
+        step = s.get("step_ms")
+        if not s.get("active") or step is None or step <= limit:
+            return None
+        exc = Overloaded(
+            f"The server is at its real-time limit: a decode step takes {step:.0f} ms for its {s['active']} "
+            f"streams (limit {limit:.0f} ms; one step is one {FRAME_MS:.0f} ms frame of each), so another "
+            "stream would slow them all. Retry after the time in Retry-After.", retry_after=RETRY_AFTER_S)
+        exc.code = "realtime_limit"
+        return exc
+
+
 class Admission:
     """In-flight generations vs capacity, open WebSockets, and the draining flag."""
 
-    def __init__(self, capacity: Callable[[], int], send_timeout_s: float = 30.0):
+    def __init__(self, capacity: Callable[[], int], send_timeout_s: float = 30.0,
+                 realtime: RealtimeLimit | None = None):
         self.capacity = capacity
         self.send_timeout_s = send_timeout_s
+        self.realtime = realtime
         self.inflight = 0
         self.refused = 0
         self.draining = False
         self.websockets: set[_Socket] = set()
+
+    def refusal(self) -> Overloaded | None:
+        """Why a new generation must wait now (all places taken, or no real-time headroom), or None."""
+        if self.inflight >= self.capacity():
+            return Overloaded(f"All {self.capacity()} generation slots are busy; retry after the time in "
+                              "Retry-After.", retry_after=RETRY_AFTER_S)
+        return None if self.realtime is None else self.realtime.refusal()
 
     def stats(self) -> dict:
         return {"inflight": self.inflight, "capacity": self.capacity(), "websockets": len(self.websockets),
@@ -98,10 +141,9 @@ class AdmissionMiddleware:
             await _discard_body(receive, adm.send_timeout_s)
             await _shutting_down()(scope, receive, send)
             return
-        if adm.inflight >= adm.capacity():
+        exc = adm.refusal()
+        if exc is not None:
             adm.refused += 1
-            exc = Overloaded(f"All {adm.capacity()} generation slots are busy; retry after the time in "
-                             "Retry-After.", retry_after=RETRY_AFTER_S)
             await _discard_body(receive, adm.send_timeout_s)
             await csm_error_response(exc)(scope, receive, send)
             return

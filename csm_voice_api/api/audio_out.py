@@ -10,8 +10,10 @@ the default of background tasks started after it), so a route gets it without pa
 along, and a new route cannot forget it.
 
 Pieces run on the app's `WatermarkWorkers` (CSM_WATERMARK_WORKERS threads, apart from asyncio's
-default pool): pieces of different streams are encoded at once, each worker thread through its
-own silentcipher state and, on CUDA, its own stream (audio/watermark.py).
+default pool). In the server each worker hands its piece to the app's `BatchEncoder`
+(audio/watermark_batch.py), which marks the pieces of all streams waiting at that moment in one
+batch on its own CUDA stream, so the workers mostly wait and the watermark's cost per piece falls
+as the load grows. Without an encoder (tools, tests) a worker marks its piece itself.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from csm_voice_api.api import metrics
 
 if TYPE_CHECKING:
     from csm_voice_api.audio.watermark import StreamWatermarker, Watermarker
+    from csm_voice_api.audio.watermark_batch import BatchEncoder
 
 T = TypeVar("T")
-DEFAULT_WORKERS = 4  # outside an app (tools, tests): CSM_WATERMARK_WORKERS' default
+DEFAULT_WORKERS = 4  # outside an app (tools, tests), where pieces are marked one by one
 
 
 class WatermarkWorkers:
@@ -64,22 +67,6 @@ class WatermarkWorkers:
         metrics.observe("watermark_compute", ended - started)
         return out
 
-    async def warm(self, fn: Callable[[], object], timeout_s: float = 60.0) -> None:
-        """Runs `fn` once on every worker thread: each thread builds its encoder state (and on
-        CUDA its stream and library handles) before real traffic needs it."""
-        barrier = threading.Barrier(self.workers)
-
-        def once() -> None:
-            barrier.wait(timeout_s)  # every task holds its thread: the pool starts them all
-            fn()
-
-        loop = asyncio.get_running_loop()
-        try:
-            await asyncio.gather(*(loop.run_in_executor(self._pool, once) for _ in range(self.workers)))
-        except BaseException:
-            barrier.abort()  # cancelled (shutdown): no thread may wait out the timeout
-            raise
-
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -104,9 +91,16 @@ class ResponseWatermark:
     chunk_s: float
     workers: WatermarkWorkers | None = None  # None: a process-wide pool of DEFAULT_WORKERS
     growth: float = 1.0  # each piece this much longer than the last, up to a message period
+    encoder: BatchEncoder | None = None  # marks pieces of all streams in batches; None: one by one
 
     def stream(self) -> StreamWatermarker:
-        return self.watermarker.stream(self.chunk_s, self.growth)
+        if self.encoder is None:
+            return self.watermarker.stream(self.chunk_s, self.growth)
+        return self.watermarker.stream(self.chunk_s, self.growth, self.encoder.apply, self.encoder.apply_first)
+
+    def apply(self, pcm: np.ndarray) -> np.ndarray:
+        """One whole piece marked the way this server's streams mark theirs."""
+        return (self.watermarker if self.encoder is None else self.encoder).apply(pcm)
 
 
 _CURRENT: ContextVar[ResponseWatermark | None] = ContextVar("csm_response_watermark", default=None)
@@ -155,6 +149,9 @@ async def watermarked(pcms: AsyncIterator[np.ndarray], wm: StreamWatermarker | N
         return
     current = _CURRENT.get()
     workers = current.workers if current is not None and current.workers is not None else _default_workers()
+    # A new utterance on this stream: its first piece is small again (no write of the stream's
+    # last utterance runs any more: it flushed, or its discard ran after its last write).
+    wm.restart()
     ended = False
     try:
         async with aclosing(pcms) as source:  # type: ignore[type-var]

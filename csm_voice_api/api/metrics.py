@@ -10,7 +10,7 @@ socket, per chunk, so a load run shows where a stream's time goes (bench/load.py
   engine_chunk_gap    between consecutive chunks of one stream, as the stream receives them
   engine_wait         the part of that gap the stream sat waiting on the engine (0: engine ahead)
   watermark_wait      a watermark piece queued for a free watermark worker
-  watermark_compute   one watermark call in its worker (resampling and silentcipher, GPU sync)
+  watermark_compute   one watermark call in its worker (its piece's wait for, and run in, a batch)
   loop_lag            worker done -> the stream's coroutine running again (event-loop backlog)
   encode              one response encoder write/flush (pcm, wav, mp3, ...), on the event loop
   send_http           one HTTP body send of a generation (blocks on TCP flow control)
@@ -145,6 +145,7 @@ class _EngineCollector(Collector):
         self.engine: _HasStats | None = None
         self.admission: _HasStats | None = None
         self.sessions: Callable[[], Any] = lambda: None  # -> the SessionManager (wired after start-up)
+        self.watermark: _HasStats | None = None  # the app's batched watermark encoder
 
     def collect(self) -> Iterator[Metric]:
         manager = self.sessions()
@@ -179,6 +180,13 @@ class _EngineCollector(Collector):
                                   value=stats.get("prefills", 0))
         yield CounterMetricFamily("csm_engine_prefill_rows", "Prompt rows (positions) forwarded.",
                                   value=stats.get("prefill_rows", 0))
+        wm = self.watermark.stats() if self.watermark is not None else {}
+        yield CounterMetricFamily("csm_watermark_batches", "Batches the watermark encoder ran.",
+                                  value=wm.get("batches", 0))
+        yield CounterMetricFamily("csm_watermark_pieces", "Audio pieces watermarked in those batches.",
+                                  value=wm.get("pieces", 0))
+        yield CounterMetricFamily("csm_watermark_busy_seconds", "Seconds the watermark encoder spent on batches.",
+                                  value=wm.get("busy_seconds", 0.0))
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # collected lazily: nothing to check for name clashes at registration
@@ -196,6 +204,11 @@ def bind_engine(engine: _HasStats | None) -> None:
 def bind_app_state(admission: _HasStats | None, sessions: Callable[[], Any] | None) -> None:
     """Point the admission and session gauges at the app's objects (None: unbind)."""
     _ENGINE.admission, _ENGINE.sessions = admission, sessions or (lambda: None)
+
+
+def bind_watermark(encoder: _HasStats | None) -> None:
+    """Point the watermark batch counters at the app's BatchEncoder (None: unbind)."""
+    _ENGINE.watermark = encoder
 
 
 def render() -> bytes:

@@ -81,13 +81,13 @@ async def _run(app: FastAPI, state: Warmup) -> None:
 
 async def warm_up(app: FastAPI) -> None:
     """Speaks WARMUP_TEXT as WARMUP_VOICE into a discarded WARMUP_FORMAT stream, watermarked like
-    any response, after running one watermark piece on every watermark worker."""
+    any response, after marking one piece (the watermark networks' first call is the slow one)."""
     settings: Settings = app.state.settings
     engine = app.state.engine
     watermark: ResponseWatermark | None = getattr(app.state, "watermark", None)
     if watermark is not None and watermark.workers is not None:
         piece = _noise(watermark.chunk_s)
-        await watermark.workers.warm(lambda: watermark.watermarker.apply(piece))
+        await watermark.workers.run(lambda: watermark.apply(piece))
     ctx = VoiceContext(engine, app.state.limits, getattr(app.state, "voices", None))
     voice = await resolve_named_voice(WARMUP_VOICE, ctx)
     sampling = replace(settings.sampling(), max_audio_ms=WARMUP_MS, seed=0)

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, UploadFile
 from pydantic import BaseModel
 from starlette.requests import HTTPConnection
 
+from csm_voice_api.api import metrics
 from csm_voice_api.api.audio_out import ResponseWatermark, WatermarkWorkers, set_app_watermark
 from csm_voice_api.api.deps import get_limits
 from csm_voice_api.config import Limits, Settings
@@ -33,20 +34,27 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.watermark = None
     app.state.watermark_verifier = None
     app.state.watermark_loading = asyncio.Lock()
-    workers = None
+    workers = encoder = None
     if settings.watermark:
+        from csm_voice_api.audio.watermark_batch import BatchEncoder
+
         wm = await _load(app)
         workers = WatermarkWorkers(settings.watermark_workers)
+        encoder = BatchEncoder(wm)
         app.state.watermark = ResponseWatermark(wm, settings.watermark_stream_chunk_s(), workers,
-                                                settings.watermark_stream_growth)
+                                                settings.watermark_stream_growth, encoder)
         app.state.watermark_verifier = wm
     set_app_watermark(app.state.watermark)
+    metrics.bind_watermark(encoder)
     try:
         yield
     finally:
         set_app_watermark(None)
+        metrics.bind_watermark(None)
         if workers is not None:
             workers.shutdown()
+        if encoder is not None:
+            await asyncio.to_thread(encoder.close)
 
 
 router = APIRouter(lifespan=lifespan)

@@ -13,6 +13,7 @@ import copy
 import math
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -171,6 +172,7 @@ class Watermarker:
         self.model = model
         self.key = tuple(int(b) for b in key)
         self._local = threading.local()  # .encoder: this thread's _ThreadEncoder
+        self._messages: dict[tuple[int, str], torch.Tensor] = {}  # (frames, device) -> message_for
 
     @classmethod
     def load(
@@ -279,9 +281,38 @@ class Watermarker:
                 res = self.model.decode_wav(y44[shift:], WATERMARK_SR, phase_shift_decoding=False)
         return self._result(res)
 
-    def stream(self, min_chunk_s: float | None = None, growth: float = 1.0) -> StreamWatermarker:
-        """A StreamWatermarker for one response (see there for min_chunk_s and growth)."""
-        return StreamWatermarker(self, min_chunk_s, growth)
+    def apply_batch(self, pcms: list[np.ndarray]) -> list[np.ndarray]:
+        """apply() of every piece, computed together (audio/watermark_batch.py): equal to
+        apply() up to float rounding, whatever the batch holds."""
+        from csm_voice_api.audio.watermark_batch import encode_batch
+
+        return encode_batch(self, [np.asarray(p, dtype=np.float32).reshape(-1) for p in pcms], MESSAGE_SDR_DB)
+
+    def message_for(self, frames: int, device: torch.device) -> torch.Tensor:
+        """The key's message as encode_wav feeds it to the carrier decoder for `frames` STFT
+        frames ([1, 1, n_fft // 2 + 1, frames]); the same for every piece of that size."""
+        cached = self._messages.get((frames, str(device)))
+        if cached is None:
+            bits = "".join(f"{b:08b}" for b in self.key)  # encode_wav's binary_encode: 2-bit symbols
+            symbols = [int(bits[i : i + 2], 2) for i in range(0, len(bits), 2)]
+            msgs, _ = self.model.letters_encoding(frames, [symbols])
+            with torch.no_grad():
+                msg = torch.from_numpy(msgs[None]).to(device).float()
+                cached = self.model.enc_c.transform_message(msg)
+            self._messages[(frames, str(device))] = cached
+        return cached
+
+    def stream(
+        self,
+        min_chunk_s: float | None = None,
+        growth: float = 1.0,
+        apply: Callable[[np.ndarray], np.ndarray] | None = None,
+        apply_first: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> StreamWatermarker:
+        """A StreamWatermarker for one response (see there for min_chunk_s and growth); `apply`
+        and `apply_first` (first pieces) mark its pieces instead of self.apply (a BatchEncoder's,
+        in the server)."""
+        return StreamWatermarker(self, min_chunk_s, growth, apply, apply_first)
 
     def _encoder(self) -> _ThreadEncoder:
         enc = getattr(self._local, "encoder", None)
@@ -448,10 +479,24 @@ class StreamWatermarker:
     which pieces end on period edges and need no look-behind: the first audio still waits for only
     one small piece, while a long stream costs about one encode per period instead of one per
     chunk. Streams that generate faster than real time by at least `growth` never wait on it.
+
+    `restart()` starts the growth over at the next sample (a new utterance on the same stream, as
+    on a WebSocket): the utterance's first audio then waits for one small piece, not for the rest
+    of a message period, and the message grid still runs on.
     """
 
-    def __init__(self, wm: Watermarker, min_chunk_s: float | None = None, growth: float = 1.0):
+    def __init__(
+        self,
+        wm: Watermarker,
+        min_chunk_s: float | None = None,
+        growth: float = 1.0,
+        apply: Callable[[np.ndarray], np.ndarray] | None = None,
+        apply_first: Callable[[np.ndarray], np.ndarray] | None = None,
+    ):
         self.wm = wm
+        self.apply = wm.apply if apply is None else apply
+        # The first piece after a (re)start: what the listener's first audio waits on.
+        self.apply_first = self.apply if apply_first is None else apply_first
         self.period = MESSAGE_PERIOD_S * SAMPLE_RATE  # 23405.71 samples at 24 kHz
         if min_chunk_s is None:
             min_chunk_s = MESSAGE_PERIOD_S
@@ -461,7 +506,7 @@ class StreamWatermarker:
             raise ValueError("growth must be >= 1")
         self.step = min_chunk_s * SAMPLE_RATE
         self.growth = growth
-        self._edges = [0]  # piece edges so far (growth > 1), absolute samples
+        self._edges = [0]  # piece edges from the last restart on, absolute samples
         self._buf = np.zeros(0, dtype=np.float32)  # raw PCM from _buf_start on
         self._buf_start = 0  # absolute sample index of _buf[0] (a period edge)
         self._emitted = 0  # absolute samples already returned
@@ -471,7 +516,7 @@ class StreamWatermarker:
     def edge(self, j: int) -> int:
         """Absolute end sample of chunk j-1 (start of chunk j)."""
         if self.growth == 1:
-            return round(j * self.step)
+            return self._edges[0] + round(j * self.step)
         while len(self._edges) <= j:
             last = self._edges[-1]
             size = self.step * self.growth ** (len(self._edges) - 1)
@@ -512,6 +557,12 @@ class StreamWatermarker:
             return np.zeros(0, dtype=np.float32)
         return self._emit(end)
 
+    def restart(self) -> None:
+        """Pieces grow from one step again, starting at the first sample not yet returned."""
+        with self._lock:
+            self._edges = [self._emitted]
+            self._chunks = 0
+
     def discard(self) -> None:
         """Drops written audio not yet returned (its response was cut): the stream, and its
         message grid, go on from the last audio actually returned."""
@@ -527,7 +578,7 @@ class StreamWatermarker:
         a = self._emitted
         p = self.period_start(a)
         window = self._buf[p - self._buf_start : b - self._buf_start]
-        out = self.wm.apply(window)[a - p :]
+        out = (self.apply_first if self._chunks == 0 else self.apply)(window)[a - p :]
         self._emitted = b
         keep_from = self.period_start(b)  # the next window starts no earlier than this
         self._buf = self._buf[keep_from - self._buf_start :]

@@ -45,6 +45,9 @@ class EngineConfig:
     max_waiting: int = 256  # queued requests before new ones are refused (429)
 
 
+STEP_EWMA = 0.1  # weight of the newest step in Engine.step_ms: about the last ten steps count
+
+
 class CodecLanes:
     """Streaming Mimi decoders over row ranges [0, 8), [8, 64), [64, 256), ..., on their own CUDA stream.
 
@@ -209,6 +212,11 @@ class AsyncEngine:
         self.seconds = {"busy": 0.0, "wait": 0.0, "prefill": 0.0}
         self.prefills = 0
         self.prefill_rows = 0
+        # Recent time between decode steps while steps follow each other, ms (an EWMA): every
+        # generating stream gets one 80 ms frame per step, so this is what admission compares with
+        # real time. None until two steps ran back to back.
+        self.step_ms: float | None = None
+        self._last_launch: float | None = None
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -254,6 +262,7 @@ class AsyncEngine:
             "seconds": dict(self.seconds),
             "prefills": self.prefills,
             "prefill_rows": self.prefill_rows,
+            "step_ms": self.step_ms,
         }
 
     async def ping(self) -> None:
@@ -469,6 +478,11 @@ class AsyncEngine:
 
     def _launch(self, bucket: int) -> tuple:
         """Queue a decode step, the copy of its codes to the host, and its Mimi decode (own stream)."""
+        now = time.perf_counter()
+        if self._inflight is not None and self._last_launch is not None:  # back to back: a step period
+            ms = 1e3 * (now - self._last_launch)
+            self.step_ms = ms if self.step_ms is None else self.step_ms + STEP_EWMA * (ms - self.step_ms)
+        self._last_launch = now
         codes, audible, event = self.runner.launch(bucket)
         ticket = self._lanes.launch(self.runner.out, self.runner.audible, bucket)
         self.steps_launched += 1

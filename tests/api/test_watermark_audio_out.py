@@ -68,3 +68,15 @@ async def test_an_engine_error_propagates_and_drops_pending_audio() -> None:
     with pytest.raises(RuntimeError, match="engine failed"):
         await collect(watermarked(pieces(voice_like(0.6), fail_at=3 * CHUNK), stream))
     assert stream.pending == 0
+
+
+async def test_each_utterance_on_a_stream_starts_with_a_small_piece() -> None:
+    # A WebSocket's phrases share one stream (one message grid). Grown to whole periods by the
+    # first phrase, the second's first audio would wait for the rest of a period (up to 0.975 s
+    # of generated audio: a playback stall at every phrase under load); it waits for one chunk.
+    stream = demo_watermarker().stream(0.16, growth=1.5)
+    first = voice_like(1.5, seed=1)
+    assert sum(p.size for p in await collect(watermarked(pieces(first), stream))) == first.size
+    second = voice_like(1.0, seed=2)
+    got = await collect(watermarked(pieces(second), stream))
+    assert got[0].size == CHUNK and sum(p.size for p in got) == second.size

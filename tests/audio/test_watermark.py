@@ -384,3 +384,23 @@ def test_growing_pieces_keep_length_grid_and_match_whole_stream():
     parts = [other.write(x[i : i + 1920 * 3]) for i in range(0, len(x), 1920 * 3)] + [other.flush()]
     assert len(whole) == len(x)
     np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_restart_starts_small_pieces_on_the_same_message_grid():
+    from csm_voice_api.audio.watermark import StreamWatermarker, demo_watermarker
+
+    wm = demo_watermarker()
+    x = (np.random.RandomState(4).randn(24_000 * 3) * 0.1).astype(np.float32)
+    s = StreamWatermarker(wm, 0.16, growth=1.5)
+    cut = 36_000  # 1.5 s: the pieces have grown, the next edge is 50640 (a 0.61 s piece away)
+    first = np.concatenate([s.write(x[:cut]), s.flush()])
+    assert first.size == cut and s.edge(s._chunks + 1) == 50_640
+    s.restart()
+    piece = s.write(x[cut : cut + 3840])
+    assert piece.size == 3840  # one step, not the rest of the grown piece
+    # Marked with look-behind to its message period's edge: the grid of the whole stream.
+    p = s.period_start(cut)
+    assert p == 23_406
+    np.testing.assert_array_equal(piece, wm.apply(x[p : cut + 3840])[cut - p :])
+    rest = np.concatenate([s.write(x[cut + 3840 :]), s.flush()])
+    assert first.size + piece.size + rest.size == x.size

@@ -7,6 +7,7 @@ slots, or any difference between a warm slot and a rebuilt one, shows up as diff
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -48,6 +49,18 @@ async def test_chunks_cover_frames_and_turn_is_recorded(engine, voice):
     assert len(pcm) == frames * FRAME_SAMPLES
     assert conv.turns[-1].text == "Hello there." and conv.turns[-1].codes.shape == (32, frames)
     assert all(c.frames <= 3 for c in chunks)
+    engine.release(conv)
+
+
+async def test_step_period_is_measured_while_steps_follow_each_other(engine, voice):
+    # Admission compares it with real time (80 ms per frame): it must be the time between back
+    # to back steps, so at most the whole generation's wall time, never absent after one.
+    conv = Conversation(voice)
+    started = time.perf_counter()
+    chunks, _ = await speak(engine, conv, "Hello there.")
+    wall_ms = 1e3 * (time.perf_counter() - started)
+    step = engine.stats()["step_ms"]
+    assert sum(c.frames for c in chunks) >= 2 and step is not None and 0 < step <= wall_ms
     engine.release(conv)
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from csm_voice_api.api.admission import is_generation
+from csm_voice_api.api.admission import RETRY_AFTER_S, RealtimeLimit, is_generation
 
 from .conftest import engine_idle, eventually, serve
 
@@ -56,6 +56,43 @@ async def test_over_capacity_is_refused_before_any_decoding_and_the_slot_comes_b
                        timeout=60)
         assert r.status_code == 200
         assert rejections(live.url, "overloaded") == before + 3
+
+
+async def test_without_realtime_headroom_new_generations_wait_and_accepted_ones_go_on(engine, tmp_path):
+    # Every measured step is over a 0.001 ms limit: while one stream generates, a new one is
+    # refused; once the engine is idle, one is admitted again.
+    with serve(engine, tmp_path, realtime_step_ms=0.001) as live:
+        before = rejections(live.url, "realtime_limit")
+        async with httpx.AsyncClient(base_url=live.url, timeout=120) as c:
+            body = {**STREAM, "max_audio_length_ms": 8000, "stream": True}
+            async with c.stream("POST", "/v1/audio/speech", json=body) as held:
+                chunks = held.aiter_bytes()
+                audio = [await anext(chunks)]
+                await eventually(lambda: engine.stats()["step_ms"] is not None, what="a step period measured")
+                assert engine.stats()["active"] == 1
+                r = await c.post("/v1/audio/voices", data={"name": "x"},
+                                 files={"audio_sample": ("a.wav", b"garbage" * 1000, "audio/wav")})
+                assert r.status_code == 429 and r.headers["retry-after"] == "1"  # refused before decoding
+                err = r.json()["error"]
+                assert err["code"] == "realtime_limit" and "real-time limit" in err["message"]
+                audio += [part async for part in chunks]  # the accepted stream runs to its end
+            assert held.status_code == 200 and sum(map(len, audio)) > len(audio[0])
+        await eventually(lambda: engine_idle(engine), what="engine idle")
+        r = httpx.post(live.url + "/v1/audio/speech", json={**STREAM, "max_audio_length_ms": 240, "stream": False},
+                       timeout=60)
+        assert r.status_code == 200
+        assert rejections(live.url, "realtime_limit") == before + 1
+
+
+def test_realtime_limit_policy():
+    stats = {"active": 3, "step_ms": 52.0}
+    limit = RealtimeLimit(lambda: stats, lambda: 40.0)
+    exc = limit.refusal()
+    assert exc is not None and exc.code == "realtime_limit" and exc.retry_after == RETRY_AFTER_S
+    assert "52 ms" in exc.message and "3 streams" in exc.message
+    for quiet in ({"active": 0, "step_ms": 52.0}, {"active": 3, "step_ms": None}, {"active": 3, "step_ms": 40.0}):
+        assert RealtimeLimit(lambda q=quiet: q, lambda: 40.0).refusal() is None
+    assert RealtimeLimit(lambda: stats, lambda: 0.0).refusal() is None  # 0: off
 
 
 async def test_websocket_disconnect_aborts_within_a_chunk(live_factory, engine):
