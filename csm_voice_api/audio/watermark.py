@@ -173,6 +173,7 @@ class Watermarker:
         self.key = tuple(int(b) for b in key)
         self._local = threading.local()  # .encoder: this thread's _ThreadEncoder
         self._messages: dict[tuple[int, str], torch.Tensor] = {}  # (frames, device) -> message_for
+        self._windows: dict[str, torch.Tensor] = {}  # device -> window_on
 
     @classmethod
     def load(
@@ -301,6 +302,14 @@ class Watermarker:
                 cached = self.model.enc_c.transform_message(msg)
             self._messages[(frames, str(device))] = cached
         return cached
+
+    def window_on(self, device: torch.device) -> torch.Tensor:
+        """silentcipher's STFT window on `device`: its STFT keeps it on the host and copies it on
+        every call; batched encodes take it from here, copied once."""
+        window = self._windows.get(str(device))
+        if window is None:
+            window = self._windows[str(device)] = self.model.stft.window.to(device)
+        return window
 
     def stream(
         self,

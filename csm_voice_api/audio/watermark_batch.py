@@ -106,7 +106,7 @@ def _encode_group(wm: Watermarker, y: torch.Tensor, message_sdr: float) -> torch
     (normalised to VCTK energy); returns the marked pieces [N, L] (only the unpadded part counts)."""
     model, cfg = wm.model, wm.model.config
     win, hop = cfg.N_FFT, cfg.HOP_LENGTH
-    window = _window(wm, y.device)
+    window = wm.window_on(y.device)
     spec = torch.stft(y, win, hop, win, window=window, return_complex=True)
     squared = spec.real**2 + spec.imag**2
     eps = (squared == 0).float() * 1e-24  # silentcipher's guard of sqrt(0)'s gradient, kept for equality
@@ -161,10 +161,6 @@ def _per_piece_batch_norm(bn: torch.nn.BatchNorm2d, h: torch.Tensor) -> torch.Te
     bias = None if bn.bias is None else bn.bias.repeat(n)
     out = F.batch_norm(h.reshape(1, n * c, f, t), None, None, weight, bias, training=True, eps=bn.eps)
     return out.view(n, c, f, t)
-
-
-def _window(wm: Watermarker, device: torch.device) -> torch.Tensor:
-    return wm.model.stft.window.to(device)
 
 
 class BatchEncoder:
