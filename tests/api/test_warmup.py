@@ -47,6 +47,9 @@ async def test_ready_waits_for_the_warmup_which_leaves_nothing_behind(settings_f
             await wait_ready(c)
             state = app.state.warmup
             assert state.done and state.error is None and state.seconds > 0
+            # The job's release of its slot is a command to the engine thread, sent as the job
+            # ends; commands run in order, so once a ping has come back the release has run.
+            await engine.ping()
             stats = engine.stats()
             assert (stats["active"], stats["queued"], stats["free_slots"]) == (0, 0, stats["slots"])
             assert app.state.admission.inflight == 0 and len(app.state.sessions) == 0
