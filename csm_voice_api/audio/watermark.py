@@ -556,6 +556,21 @@ class StreamWatermarker:
             self._chunks += 1
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
+    def buffer(self, pcm: np.ndarray) -> bool:
+        """Takes `pcm` without marking anything, if it completes no piece: True when it did. False:
+        it completes one (or a write still runs in a worker), and `write` must take it, off the event
+        loop. Most chunks of a grown stream only add to its current piece, so they skip a thread hop."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+            if self._buf_start + self._buf.size + pcm.size >= self.edge(self._chunks + 1):
+                return False
+            self._buf = np.concatenate([self._buf, pcm])
+            return True
+        finally:
+            self._lock.release()
+
     def flush(self) -> np.ndarray:
         with self._lock:
             return self._flush()

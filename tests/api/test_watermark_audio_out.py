@@ -80,3 +80,30 @@ async def test_each_utterance_on_a_stream_starts_with_a_small_piece() -> None:
     second = voice_like(1.0, seed=2)
     got = await collect(watermarked(pieces(second), stream))
     assert got[0].size == CHUNK and sum(p.size for p in got) == second.size
+
+
+async def test_only_chunks_that_end_a_piece_go_to_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A grown stream's chunks mostly add to its current piece: those stay on the event loop.
+    from csm_voice_api.api import audio_out
+
+    workers = audio_out.WatermarkWorkers(2)
+    calls = 0
+    real = workers.run
+
+    async def counted(fn, **kw):  # noqa: ANN001, ANN003
+        nonlocal calls
+        calls += 1
+        return await real(fn, **kw)
+
+    monkeypatch.setattr(workers, "run", counted)
+    monkeypatch.setattr(audio_out, "_default_workers", lambda: workers)
+    wm = demo_watermarker()
+    x = voice_like(3.0, seed=4)
+    out = np.concatenate(await collect(watermarked(pieces(x), wm.stream(0.16, growth=1.5))))
+    ref = StreamWatermarker(wm, 0.16, growth=1.5)
+    written = [ref.write(x[i : i + CHUNK]) for i in range(0, x.size, CHUNK)]
+    tail = ref.flush()
+    np.testing.assert_array_equal(out, np.concatenate([*written, tail]))
+    # One call per chunk that ended a piece, one for the flush of the rest; none for the others.
+    assert calls == sum(p.size > 0 for p in written) + (tail.size > 0) < len(written) // 2
+    workers.shutdown()

@@ -404,3 +404,37 @@ def test_restart_starts_small_pieces_on_the_same_message_grid():
     np.testing.assert_array_equal(piece, wm.apply(x[p : cut + 3840])[cut - p :])
     rest = np.concatenate([s.write(x[cut + 3840 :]), s.flush()])
     assert first.size + piece.size + rest.size == x.size
+
+
+def test_buffer_takes_only_chunks_that_end_no_piece_and_changes_no_byte():
+    """`buffer` is `write` minus the chunks that complete a piece: those it refuses, untouched."""
+    from csm_voice_api.audio.watermark import StreamWatermarker, demo_watermarker
+
+    wm = demo_watermarker()
+    x = (np.random.RandomState(5).randn(24_000 * 4) * 0.1).astype(np.float32)
+    chunk = 3840
+    ref = StreamWatermarker(wm, 0.16, growth=1.5)
+    want = [ref.write(x[i : i + chunk]) for i in range(0, x.size, chunk)] + [ref.flush()]
+    s = StreamWatermarker(wm, 0.16, growth=1.5)
+    got, refused = [], 0
+    for i in range(0, x.size, chunk):
+        before = s.pending
+        if s.buffer(x[i : i + chunk]):
+            assert s.pending == before + x[i : i + chunk].size
+            continue
+        refused += 1
+        assert s.pending == before  # refused: nothing taken
+        got.append(s.write(x[i : i + chunk]))
+    got.append(s.flush())
+    np.testing.assert_array_equal(np.concatenate(got), np.concatenate(want))
+    # The chunks that ended a piece (the output came in those writes) and no others went to write.
+    assert refused == sum(p.size > 0 for p in want[:-1]) < x.size // chunk // 2
+
+
+def test_buffer_defers_to_a_write_still_running():
+    from csm_voice_api.audio.watermark import StreamWatermarker, demo_watermarker
+
+    s = StreamWatermarker(demo_watermarker(), 0.16, growth=1.5)
+    with s._lock:  # a cancelled caller's write, still running in its worker
+        assert not s.buffer(np.zeros(10, np.float32))
+    assert s.pending == 0 and s.buffer(np.zeros(10, np.float32)) and s.pending == 10
