@@ -50,6 +50,31 @@ def _announce(engine: AsyncEngine) -> None:
         print(demo_banner(engine), file=sys.stderr, flush=True)
 
 
+def _tune_process(settings: Settings) -> None:
+    """Process-wide settings of a server process (`serve` only: tests and tools keep Python's).
+
+    The engine thread drops the GIL at every device call and must win it back from the event
+    loop and the watermark threads; when one of those runs Python, the engine waits for the
+    holder's switch interval (Python's default: 5 ms) at each of its ~15 device calls a step.
+    """
+    sys.setswitchinterval(settings.gil_switch_ms / 1000)
+
+
+def _freeze_heap() -> None:
+    """Once the model is up: the start-up heap (torch, transformers, the model) leaves the
+    collector's view, so a full collection while serving walks only what serving allocates
+    instead of pausing every thread for the millions of start-up objects."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
+def _on_engine(engine: AsyncEngine) -> None:
+    _announce(engine)
+    _freeze_heap()
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     # Only flags actually given override the environment / .env.
     flags = ("model", "host", "port", "device", "dtype", "temperature", "top_p", "repetition_penalty")
@@ -65,7 +90,8 @@ def _serve(args: argparse.Namespace) -> int:
     from csm_voice_api.api.admission import GracefulServer
 
     settings = _settings(args)
-    app = build_app(settings, on_engine=_announce)
+    _tune_process(settings)
+    app = build_app(settings, on_engine=_on_engine)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=args.log_level,
         ws_max_size=settings.ws_max_message_bytes,  # the protocol layer refuses larger frames (1009)

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     send_timeout_s: float = Field(30.0, gt=0)
     # Largest WebSocket message accepted, in bytes; larger messages close the socket with 1009.
     ws_max_message_bytes: int = Field(64 * 1024, ge=1024)
+    # Python's GIL switch interval in the server process, in ms (Python's default is 5): how long
+    # the engine thread can wait to win the GIL back from the event loop after each device call.
+    gil_switch_ms: float = Field(1.0, gt=0, le=100)
     # On SIGTERM: seconds in-flight streams get to finish before sockets close with 1001 and the server exits.
     shutdown_grace_s: float = Field(30.0, ge=0)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import wave
 from pathlib import Path
 
@@ -106,3 +107,18 @@ def test_serve_runs_the_server_and_prints_the_banner(tmp_path: Path):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "RANDOM NOISE" in err and "HF_TOKEN" in err
+
+
+def test_serve_tunes_its_process_for_the_engine_thread(monkeypatch):
+    import gc
+
+    calls: list[float] = []
+    monkeypatch.setattr(sys, "setswitchinterval", calls.append)
+    cli._tune_process(Settings(_env_file=None, gil_switch_ms=0.5))
+    assert calls == [0.0005]
+    monkeypatch.setattr(cli, "_announce", lambda engine: None)
+    try:
+        cli._on_engine(_Demo())  # type: ignore[arg-type]
+        assert gc.get_freeze_count() > 0  # the start-up heap is out of the collector's walks
+    finally:
+        gc.unfreeze()
