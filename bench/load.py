@@ -312,10 +312,12 @@ def engine_thread(before: dict[str, float], after: dict[str, float], seconds: fl
     if not steps:
         return {}
     busy, wait, prefill = d.get("busy_s", 0.0), d.get("wait_s", 0.0), d.get("prefill_s", 0.0)
+    codec = d.get("codec_s", 0.0)  # servers before the codec part counted it under other
     return {"steps_per_s": round(steps / seconds, 1), "ms_per_step": round(busy / steps * 1000, 2),
             "wait_ms_per_step": round(wait / steps * 1000, 2),
+            "codec_ms_per_step": round(codec / steps * 1000, 2),
             "prefill_ms_per_step": round(prefill / steps * 1000, 2),
-            "other_ms_per_step": round((busy - wait - prefill) / steps * 1000, 2),
+            "other_ms_per_step": round((busy - wait - codec - prefill) / steps * 1000, 2),
             "prefills": int(prefills), "prefill_ms_each": round(prefill / prefills * 1000, 1) if prefills else None,
             "prefill_rows_each": round(d.get("prefill_rows", 0.0) / prefills, 1) if prefills else None}
 
@@ -338,7 +340,8 @@ def stage_table(levels: list[dict]) -> str:
         rows.append(f"{name:<20}" + "".join(" | " + c for c in cells))
     for key, label in (("realtime_streams", "engine rt streams"), ("steps_per_s", "engine steps/s"),
                        ("ms_per_step", "engine ms/step"), ("wait_ms_per_step", "  blocked on GPU"),
-                       ("prefill_ms_per_step", "  prefilling"), ("other_ms_per_step", "  other (host, GIL)"),
+                       ("codec_ms_per_step", "  blocked on Mimi"), ("prefill_ms_per_step", "  prefilling"),
+                       ("other_ms_per_step", "  other (host, GIL)"),
                        ("prefill_ms_each", "prefill ms each"), ("prefill_rows_each", "prefill rows each")):
         rows.append(f"{label:<20}" + "".join(f" | {(e.get('server') or {}).get(key)!s:^25}" for e in with_stages))
     return "\n".join(rows)

@@ -172,7 +172,8 @@ class _EngineCollector(Collector):
         thread = CounterMetricFamily(
             "csm_engine_thread_seconds",
             "Engine thread time: busy (turns that did work), wait (of which blocked on a step's outputs), "
-            "prefill (of which prompt forwards).", labels=["part"])
+            "codec (of which blocked on a frame's Mimi decode), prefill (of which prompt forwards).",
+            labels=["part"])
         for part, value in stats.get("seconds", {}).items():
             thread.add_metric([part], value)
         yield thread

@@ -208,8 +208,9 @@ class AsyncEngine:
         self.steps_launched = 0
         self._inflight: tuple | None = None  # the step queued last tick, its outputs not yet applied
         # Where the engine thread's time goes (exported by /metrics; bench/load.py reads them):
-        # busy: ticks that did work; wait: blocked on a step's outputs; prefill: prompt forwards.
-        self.seconds = {"busy": 0.0, "wait": 0.0, "prefill": 0.0}
+        # busy: ticks that did work; wait: blocked on a step's outputs; codec: blocked on the
+        # Mimi decode of a step's frame (its own stream); prefill: prompt forwards.
+        self.seconds = {"busy": 0.0, "wait": 0.0, "codec": 0.0, "prefill": 0.0}
         self.prefills = 0
         self.prefill_rows = 0
         # Recent time between decode steps while steps follow each other, ms (an EWMA): every
@@ -497,7 +498,9 @@ class AsyncEngine:
         codes_h, audible_h = codes.numpy(), audible.numpy()
         s = self.scheduler
         done = s.update(codes_h, audible_h, None, step=step)
+        started = time.perf_counter()
         pcm = self._lanes.collect(ticket)
+        self.seconds["codec"] += time.perf_counter() - started
         if s.awaiting_audio:
             s.audio(s.awaiting_audio, pcm)
         for req in done:

@@ -40,7 +40,8 @@ async def test_load_script_reports_sessions_and_streams(live_factory):
     assert server["frames"] > 0 and server["realtime_streams"] > 0
     # The engine thread's time over the level (csm_engine_* counters): parts of a step add up.
     assert server["steps_per_s"] > 0 and server["ms_per_step"] > 0
-    parts = server["wait_ms_per_step"] + server["prefill_ms_per_step"] + server["other_ms_per_step"]
+    parts = (server["wait_ms_per_step"] + server["codec_ms_per_step"] + server["prefill_ms_per_step"]
+             + server["other_ms_per_step"])
     assert abs(parts - server["ms_per_step"]) < 0.05 and server["other_ms_per_step"] >= 0
     assert server["prefills"] > 0 and server["prefill_rows_each"] > 1  # sessions and speech prefill text
     assert "engine_chunk_gap" in load.stage_table(report["levels"])
