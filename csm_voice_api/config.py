@@ -113,7 +113,8 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(0, ge=0)
     # Requests a key may make at once before the per-minute rate applies; 0 means rate_limit_per_minute.
     rate_limit_burst: int = Field(0, ge=0)
-    # Generations (speech, voice-clone, stream-text) in flight at once; 0 means the engine's slot count.
+    # Generations at once: HTTP ones in flight (speech, voice-clone, stream-text, session creation...)
+    # plus connected streaming WebSockets; 0 means the engine's slot count.
     max_inflight: int = Field(0, ge=0)
     # Refuse new generations (429) while a decode step takes longer than this, in ms: a step is one
     # 80 ms frame of every stream, so 80 is real time, and below it streams have headroom. Unset:

@@ -4,7 +4,10 @@
 speech, voice-clone, stream-text, conversation, scenes, compat /generate, session and voice
 creation) and refuses one over capacity with 429 + Retry-After before its body is parsed, decoded
 or sent to the engine. The count drops when the response ends, however it ends, so a client that
-leaves frees its place at once.
+leaves frees its place at once. A connected streaming WebSocket takes a place too, for as long as
+it is open: its session was admitted when it was created, and its phrases are never refused, so
+the places left for new work are what is left beside it (else a session's next phrase would wait
+for an engine slot behind requests admitted after it).
 
 Capacity is also what the GPU keeps in real time (`RealtimeLimit`): each decode step gives every
 generating stream one 80 ms frame, so while recent steps take longer than the limit (35 ms on a
@@ -98,8 +101,10 @@ class Admission:
 
     def refusal(self) -> Overloaded | None:
         """Why a new generation must wait now (all places taken, or no real-time headroom), or None."""
-        if self.inflight >= self.capacity():
-            return Overloaded(f"All {self.capacity()} generation slots are busy; retry after the time in "
+        capacity = self.capacity()
+        if self.inflight + len(self.websockets) >= capacity:
+            return Overloaded(f"All {capacity} generation places are busy ({self.inflight} requests, "
+                              f"{len(self.websockets)} streaming sessions connected); retry after the time in "
                               "Retry-After.", retry_after=RETRY_AFTER_S)
         return None if self.realtime is None else self.realtime.refusal()
 

@@ -58,6 +58,40 @@ async def test_over_capacity_is_refused_before_any_decoding_and_the_slot_comes_b
         assert rejections(live.url, "overloaded") == before + 3
 
 
+async def test_a_connected_streaming_session_holds_a_place_and_its_phrases_go_on(engine, tmp_path):
+    # Two places: the session's creation takes one while it runs, its WebSocket one while open.
+    with serve(engine, tmp_path, max_inflight=2) as live:
+        sid = live.open_session()
+        speech = {**STREAM, "max_audio_length_ms": 240, "stream": False}
+        async with connect(f"{live.ws_url}/v1/ws/stream-text/{sid}") as ws:
+            await eventually(lambda: len(live.admission.websockets) == 1, what="socket counted")
+            held = _never_reading_socket(live.url, _speech_request({**STREAM, "max_audio_length_ms": 90_000}))
+            try:
+                await eventually(lambda: live.admission.inflight == 1, what="held request admitted")
+                async with httpx.AsyncClient(base_url=live.url, timeout=60) as c:
+                    r = await c.post("/v1/audio/speech", json=speech)
+                    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+                    assert "1 streaming sessions connected" in r.json()["error"]["message"]
+                    # The admitted session is never refused: its phrase is spoken at full capacity.
+                    await ws.send(json.dumps({"text_chunk": "Hello there.", "is_final": True}))
+                    events, audio = [], 0
+                    with anyio.fail_after(60):
+                        while not events or events[-1] != "done":
+                            msg = await ws.recv()
+                            if isinstance(msg, bytes):
+                                audio += len(msg)
+                            else:
+                                events.append(json.loads(msg)["type"])
+                    assert audio > 0 and "error" not in events
+            finally:
+                held.close()
+            await eventually(lambda: live.admission.inflight == 0, what="held request gone")
+            # The open socket alone leaves one place: a request fits beside it.
+            assert httpx.post(live.url + "/v1/audio/speech", json=speech, timeout=60).status_code == 200
+        await eventually(lambda: not live.admission.websockets, what="socket gone")
+        await eventually(lambda: engine_idle(engine), what="engine idle")
+
+
 async def test_without_realtime_headroom_new_generations_wait_and_accepted_ones_go_on(engine, tmp_path):
     # Every measured step is over a 0.001 ms limit: while one stream generates, a new one is
     # refused; once the engine is idle, one is admitted again.
