@@ -207,6 +207,7 @@ class AsyncEngine:
         self.steps_total = 0
         self.steps_launched = 0
         self._inflight: tuple | None = None  # the step queued last tick, its outputs not yet applied
+        self._audio: tuple | None = None  # (codec ticket, kept rows) of the step applied last, not yet handed out
         # Where the engine thread's time goes (exported by /metrics; bench/load.py reads them):
         # busy: ticks that did work; wait: blocked on a step's outputs; codec: blocked on the
         # Mimi decode of a step's frame (its own stream); prefill: prompt forwards.
@@ -427,6 +428,8 @@ class AsyncEngine:
         s, r = self.scheduler, self.runner
         rows = s.decode_rows()
         launched = self._launch(r.bucket_for(rows)) if rows else None
+        if launched is None:
+            self._hand_out_audio()  # no step to overlap with: the last frame's audio goes out now
         did = launched is not None or self._inflight is not None
         if self._inflight is not None:
             self._apply(*self._inflight)
@@ -478,19 +481,26 @@ class AsyncEngine:
         req.start_step = self.steps_launched  # the step in flight, if any, ran its slot without it
 
     def _launch(self, bucket: int) -> tuple:
-        """Queue a decode step, the copy of its codes to the host, and its Mimi decode (own stream)."""
+        """Queue a decode step, the copy of its codes to the host, and its Mimi decode (own stream).
+
+        Between the two, the audio of the frame before last goes out: its Mimi decode ran while the
+        last step did, so it is (almost always) ready, where the last frame's has only just begun;
+        waiting for that one cost the engine 11-13 ms a turn under load (H200, BENCHMARKS.md)."""
         now = time.perf_counter()
         if self._inflight is not None and self._last_launch is not None:  # back to back: a step period
             ms = 1e3 * (now - self._last_launch)
             self.step_ms = ms if self.step_ms is None else self.step_ms + STEP_EWMA * (ms - self.step_ms)
         self._last_launch = now
         codes, audible, event = self.runner.launch(bucket)
+        self._hand_out_audio()  # before the codec's next launch, which reuses that frame's buffers
         ticket = self._lanes.launch(self.runner.out, self.runner.audible, bucket)
         self.steps_launched += 1
         return self.steps_launched - 1, codes, audible, event, ticket
 
     def _apply(self, step: int, codes: torch.Tensor, audible: torch.Tensor, event: Any, ticket: int) -> None:
-        """A queued step's outputs: wait for its codes, update requests, hand out its audio."""
+        """A queued step's outputs: wait for its codes, update requests; its audio goes out with the
+        next launch (`_hand_out_audio`)."""
+        self._hand_out_audio()  # the previous step's audio comes before this update (it may end requests)
         if event is not None:
             started = time.perf_counter()
             event.synchronize()
@@ -498,18 +508,27 @@ class AsyncEngine:
         codes_h, audible_h = codes.numpy(), audible.numpy()
         s = self.scheduler
         done = s.update(codes_h, audible_h, None, step=step)
-        started = time.perf_counter()
-        pcm = self._lanes.collect(ticket)
-        self.seconds["codec"] += time.perf_counter() - started
-        if s.awaiting_audio:
-            s.audio(s.awaiting_audio, pcm)
+        self._audio = (ticket, s.awaiting_audio)
         for req in done:
             self.runner.park_row(req.slot)
         self.frames_total += int(audible_h.sum())
         self.steps_total += 1
 
+    def _hand_out_audio(self) -> None:
+        """The pcm of the last applied step's kept frames, to their requests (waits for its Mimi decode)."""
+        if self._audio is None:
+            return
+        (ticket, rows), self._audio = self._audio, None
+        started = time.perf_counter()
+        pcm = self._lanes.collect(ticket)
+        self.seconds["codec"] += time.perf_counter() - started
+        if rows:
+            self.scheduler.audio(rows, pcm)
+
     def drain(self) -> None:
-        """Apply the step in flight, if any (engine thread only: benchmarks timing the runner directly)."""
+        """Apply the step in flight and hand out its audio, if any (engine thread only: benchmarks
+        timing the runner directly)."""
         if self._inflight is not None:
             inflight, self._inflight = self._inflight, None
             self._apply(*inflight)
+        self._hand_out_audio()
