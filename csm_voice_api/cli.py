@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import textwrap
 import wave
@@ -50,6 +51,17 @@ def _announce(engine: AsyncEngine) -> None:
         print(demo_banner(engine), file=sys.stderr, flush=True)
 
 
+def _log_to_stderr(level: str) -> None:
+    """Our loggers beside uvicorn's. uvicorn configures only its own, so without this the engine's
+    start-up, the warm-up and everything else under INFO were dropped (Python's last-resort
+    handler prints WARNING and up only)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)-8s %(name)s: %(message)s"))
+    logger = logging.getLogger("csm_voice_api")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+
+
 def _tune_process(settings: Settings) -> None:
     """Process-wide settings of a server process (`serve` only: tests and tools keep Python's).
 
@@ -90,6 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
     from csm_voice_api.api.admission import GracefulServer
 
     settings = _settings(args)
+    _log_to_stderr(args.log_level)
     _tune_process(settings)
     app = build_app(settings, on_engine=_on_engine)
     config = uvicorn.Config(

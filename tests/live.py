@@ -66,14 +66,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def cli_server(data_dir: Path, **env: str) -> Iterator[tuple[subprocess.Popen, str]]:
+def cli_server(data_dir: Path, log_level: str = "warning", **env: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """`python -m csm_voice_api serve` on the demo model in a subprocess, yielded once /ready
     answers 200 (for tests that kill or signal the process). `env` adds CSM_* settings."""
     port = free_port()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "CSM_DATA_DIR": str(data_dir), "CSM_WATERMARK": "false",
                 "CSM_WARMUP": "false", **env}  # fmt: skip
     cmd = [sys.executable, "-m", "csm_voice_api", "serve", "--model", "demo", "--device", "cpu",
-           "--port", str(port), "--log-level", "warning"]  # fmt: skip
+           "--port", str(port), "--log-level", log_level]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=data_dir, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -102,11 +102,12 @@ def test_verify_watermark_missing_file(tmp_path: Path, capsys):
 @pytest.mark.slow
 def test_serve_runs_the_server_and_prints_the_banner(tmp_path: Path):
     # The defaults a user gets: watermark and start-up warm-up on.
-    with cli_server(tmp_path, CSM_WATERMARK="true", CSM_WARMUP="true") as (proc, url):
+    with cli_server(tmp_path, log_level="info", CSM_WATERMARK="true", CSM_WARMUP="true") as (proc, url):
         assert httpx.get(f"{url}/health", timeout=5).json()["is_demo"] is True
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "RANDOM NOISE" in err and "HF_TOKEN" in err
+    assert "csm_voice_api.app: engine ready" in err  # our INFO logs reach the terminal beside uvicorn's
 
 
 def test_serve_tunes_its_process_for_the_engine_thread(monkeypatch):
