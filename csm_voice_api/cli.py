@@ -65,9 +65,10 @@ def _log_to_stderr(level: str) -> None:
 def _tune_process(settings: Settings) -> None:
     """Process-wide settings of a server process (`serve` only: tests and tools keep Python's).
 
-    The engine thread drops the GIL at every device call and must win it back from the event
-    loop and the watermark threads; when one of those runs Python, the engine waits for the
-    holder's switch interval (Python's default: 5 ms) at each of its ~15 device calls a step.
+    The engine thread drops the GIL at every device call and must win it back from the event loop
+    and the watermark threads, which can hold it for a switch interval. On an H200 under load 1 ms
+    measured no worse than Python's 5 ms anywhere and lower stall p99 at 64-128 clients, although
+    the engine thread's host time per step did not move (BENCHMARKS.md, fifth session).
     """
     sys.setswitchinterval(settings.gil_switch_ms / 1000)
 
