@@ -124,7 +124,7 @@ async def ws_client(c: httpx.AsyncClient, args: argparse.Namespace, run: Run, st
     try:
         async with connect(url, additional_headers=headers(args.api_key), max_size=None) as ws:
             n = 0
-            while time.monotonic() < stop:
+            while n == 0 or time.monotonic() < stop:  # an opened session speaks at least once
                 run.utterances.append(await _ws_turn(ws, PHRASES[(i + n) % len(PHRASES)]))
                 n += 1
     except Exception as e:  # noqa: BLE001 - a load test reports every failure, it does not stop

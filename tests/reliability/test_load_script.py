@@ -6,13 +6,13 @@ import importlib.util
 import sys
 from pathlib import Path
 
-LOAD = Path(__file__).resolve().parents[2] / "bench" / "load.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-def load_module():
-    spec = importlib.util.spec_from_file_location("bench_load", LOAD)
+def load_module(name: str = "load"):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_load"] = module  # dataclasses look their module up while the class is built
+    sys.modules[f"bench_{name}"] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
 
@@ -45,6 +45,24 @@ async def test_load_script_reports_sessions_and_streams(live_factory):
     assert abs(parts - server["ms_per_step"]) < 0.05 and server["other_ms_per_step"] >= 0
     assert server["prefills"] > 0 and server["prefill_rows_each"] > 1  # sessions and speech prefill text
     assert "engine_chunk_gap" in load.stage_table(report["levels"])
+    # bench/load_ab.py prints such reports side by side, a row per level and server.
+    ab = load_module("load_ab")
+    table = ab.side_by_side([{**report, "server": "a"}, {**report, "server": "b"}]).splitlines()
+    assert len(table) == 3 and table[1].split()[:3] == ["3", "a", str(level["all"]["ok"])]
+
+
+def test_load_ab_server_specs(tmp_path):
+    import argparse
+
+    import pytest
+
+    ab = load_module("load_ab")
+    s = ab.parse_server(f"old={tmp_path}:CSM_GIL_SWITCH_MS=5,CSM_COMPILE=0")
+    assert (s.name, s.root, s.env) == ("old", tmp_path.resolve(), {"CSM_GIL_SWITCH_MS": "5", "CSM_COMPILE": "0"})
+    assert ab.parse_server("new=.").env == {}
+    for bad in ("new", "=.", "new=", "new=.:CSM_X"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            ab.parse_server(bad)
 
 
 def test_stage_deltas_from_two_scrapes():
