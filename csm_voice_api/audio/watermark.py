@@ -563,10 +563,9 @@ class StreamWatermarker:
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
-            if self._buf_start + self._buf.size + pcm.size >= self.edge(self._chunks + 1):
+            if self._buf_start + self._buf.size + np.size(pcm) >= self.edge(self._chunks + 1):
                 return False
-            self._buf = np.concatenate([self._buf, pcm])
+            self._write(pcm)  # ends no piece: it only appends
             return True
         finally:
             self._lock.release()
