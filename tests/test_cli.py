@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sys
 import wave
@@ -104,10 +105,21 @@ def test_serve_runs_the_server_and_prints_the_banner(tmp_path: Path):
     # The defaults a user gets: watermark and start-up warm-up on.
     with cli_server(tmp_path, log_level="info", CSM_WATERMARK="true", CSM_WARMUP="true") as (proc, url):
         assert httpx.get(f"{url}/health", timeout=5).json()["is_demo"] is True
+        assert asyncio.run(_ws_extensions(url)) is None  # no per-message deflate: audio does not compress
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "RANDOM NOISE" in err and "HF_TOKEN" in err
     assert "csm_voice_api.app: engine ready" in err  # our INFO logs reach the terminal beside uvicorn's
+
+
+async def _ws_extensions(url: str) -> str | None:
+    """The extensions a streaming WebSocket of `serve` agrees to, for a client that offers deflate."""
+    from websockets.asyncio.client import connect
+
+    sid = httpx.post(f"{url}/v1/streaming-session", data={"voice_id": "alloy"}, timeout=10).json()["session_id"]
+    async with connect(f"ws{url[4:]}/v1/ws/stream-text/{sid}", compression="deflate") as ws:
+        assert "permessage-deflate" in ws.request.headers["Sec-WebSocket-Extensions"]  # it was offered
+        return ws.response.headers.get("Sec-WebSocket-Extensions")
 
 
 def test_serve_tunes_its_process_for_the_engine_thread(monkeypatch):
