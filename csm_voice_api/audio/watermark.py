@@ -298,7 +298,11 @@ class Watermarker:
             symbols = [int(bits[i : i + 2], 2) for i in range(0, len(bits), 2)]
             msgs, _ = self.model.letters_encoding(frames, [symbols])
             with torch.no_grad():
-                msg = torch.from_numpy(msgs[None]).to(device).float()
+                msg = torch.from_numpy(msgs[None]).float()
+                if torch.device(device).type == "cuda":  # pinned: the copy does not wait for the device
+                    msg = msg.pin_memory().to(device, non_blocking=True)
+                else:
+                    msg = msg.to(device)
                 cached = self.model.enc_c.transform_message(msg)
             self._messages[(frames, str(device))] = cached
         return cached

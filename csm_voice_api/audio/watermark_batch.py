@@ -15,6 +15,13 @@ of pieces with one set of launches per piece length class:
   with its own statistics; batched, each piece's channels become channels of their own
   (`_per_piece_batch_norm`), which keeps every piece independent of its batch partners.
 The result equals `Watermarker.apply` up to float rounding (tests/audio/test_watermark_batch.py).
+
+A batch waits for the device once, for its result. Each wait inside it (a pageable upload, the
+envelope check of `torch.istft`, the sinc kernel torchaudio's `resample` builds per call: three
+per length class, found with CUDA's sync debug mode) let this stream's queue run dry, and the
+thread launched the rest only once the GPU, busy with the engine's higher-priority steps, got
+back to it. Under load a piece took 115-470 ms to mark against 45-90 ms alone (H200,
+BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchaudio.functional as AF
+import torchaudio.transforms as AT
 
 from csm_voice_api.audio.watermark import MESSAGE_SDR_DB, WATERMARK_SR, Watermarker
 from csm_voice_api.engine.types import SAMPLE_RATE
@@ -60,22 +67,33 @@ def frames_of(n24: int, win: int, hop: int) -> int:
 @torch.no_grad()
 def encode_batch(wm: Watermarker, pcms: list[np.ndarray], message_sdr: float) -> list[np.ndarray]:
     """Watermarks each mono float32 24 kHz piece (same lengths out), as `wm.apply` would."""
-    model, cfg = wm.model, wm.model.config
-    device = torch.device(model.device)
     outs: list[np.ndarray | None] = [None] * len(pcms)
     live = []
     for i, pcm in enumerate(pcms):
-        if pcm.size == 0 or not np.any(pcm):
+        if pcm.size == 0 or not pcm.any():
             outs[i] = pcm.astype(np.float32, copy=True)  # silence passes through, as in apply()
         else:
             live.append(i)
     if not live:
         return outs  # type: ignore[return-value]
     sizes = [pcms[i].size for i in live]
-    x = torch.zeros(len(live), max(sizes), dtype=torch.float32)
+    back = _encode_on_device(wm, [pcms[i] for i in live], message_sdr).cpu().numpy()  # the batch's one wait
     for row, i in enumerate(live):
-        x[row, : sizes[row]] = torch.from_numpy(np.asarray(pcms[i], dtype=np.float32))
-    y44 = AF.resample(x.to(device, non_blocking=True), SAMPLE_RATE, WATERMARK_SR)
+        out = back[row, : sizes[row]]
+        outs[i] = out if out.size == sizes[row] else np.pad(out, (0, sizes[row] - out.size))
+    return outs  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def _encode_on_device(wm: Watermarker, pcms: list[np.ndarray], message_sdr: float) -> torch.Tensor:
+    """The marked pieces [N, max length] at 24 kHz, on the device, queued without waiting for it."""
+    model, cfg = wm.model, wm.model.config
+    device = torch.device(model.device)
+    sizes = [pcm.size for pcm in pcms]
+    x = torch.zeros(len(pcms), max(sizes), dtype=torch.float32, pin_memory=device.type == "cuda")
+    for row, pcm in enumerate(pcms):
+        x[row, : sizes[row]] = torch.from_numpy(np.asarray(pcm, dtype=np.float32))
+    y44 = _resampler(SAMPLE_RATE, WATERMARK_SR, device)(x.to(device, non_blocking=True))
     n44 = [resampled_length(n, SAMPLE_RATE, WATERMARK_SR) for n in sizes]
 
     win = cfg.N_FFT
@@ -84,8 +102,7 @@ def encode_batch(wm: Watermarker, pcms: list[np.ndarray], message_sdr: float) ->
     for row, n in enumerate(n44):
         groups.setdefault(padded_length(n, win), []).append(row)
     for length, rows in groups.items():
-        idx = torch.tensor(rows, device=device)
-        lens = torch.tensor([n44[r] for r in rows], device=device)
+        idx, lens = _upload([rows, [n44[r] for r in rows]], device)
         # Resampling leaks a filter tail past each piece's end: the mask cuts it, as encode_wav
         # resamples the piece alone and pads it with zeros.
         mask = torch.arange(length, device=device) < lens[:, None]
@@ -94,11 +111,27 @@ def encode_batch(wm: Watermarker, pcms: list[np.ndarray], message_sdr: float) ->
         out = _encode_group(wm, y * torch.sqrt(model.average_energy_VCTK / power), message_sdr)
         out = out * torch.sqrt(power / model.average_energy_VCTK) * mask
         marked.index_copy_(0, idx, _fit(out, marked.shape[1]))
-    back = AF.resample(marked, WATERMARK_SR, SAMPLE_RATE).cpu().numpy()
-    for row, i in enumerate(live):
-        out = back[row, : sizes[row]]
-        outs[i] = out if out.size == sizes[row] else np.pad(out, (0, sizes[row] - out.size))
-    return outs  # type: ignore[return-value]
+    return _resampler(WATERMARK_SR, SAMPLE_RATE, device)(marked)
+
+
+def _upload(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Equal-length int lists as one int64 tensor on `device`, without waiting for it (pinned)."""
+    host = torch.tensor(rows, dtype=torch.long)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+_RESAMPLERS: dict[tuple[int, int, str], AT.Resample] = {}
+
+
+def _resampler(src: int, dst: int, device: torch.device) -> AT.Resample:
+    """torchaudio's resample with its sinc kernel built once (`AF.resample` builds it per call,
+    and on a GPU that costs a wait); the same filter, so the same samples."""
+    key = (src, dst, str(device))
+    if key not in _RESAMPLERS:
+        _RESAMPLERS[key] = AT.Resample(src, dst).to(device)
+    return _RESAMPLERS[key]
 
 
 def _encode_group(wm: Watermarker, y: torch.Tensor, message_sdr: float) -> torch.Tensor:
@@ -135,8 +168,20 @@ def _encode_group(wm: Watermarker, y: torch.Tensor, message_sdr: float) -> torch
     else:
         reconst = torch.abs(h + carrier)
     mag = reconst[:, 0]
-    # center=True without a length gives (T - 1) * hop samples: the padded length again.
-    return torch.istft(torch.complex(mag * torch.cos(phase), mag * torch.sin(phase)), win, hop, win, window=window)
+    return istft(torch.complex(mag * torch.cos(phase), mag * torch.sin(phase)), win, hop, window)
+
+
+def istft(spec: torch.Tensor, win: int, hop: int, window: torch.Tensor) -> torch.Tensor:
+    """torch.istft(spec, win, hop, win, window) (center, one-sided, no length): spec [N, F, T] ->
+    [N, (T - 1) * hop], without its check that the window envelope is non-zero, a host sync
+    (`.item()`) per call; silentcipher's Hann window at 1/4 hop never comes near zero."""
+    T = spec.shape[-1]
+    frames = torch.fft.irfft(spec, n=win, dim=-2) * window[:, None]  # [N, win, T]
+    size = (1, win + hop * (T - 1))
+    y = F.fold(frames, size, (1, win), stride=(1, hop)).flatten(1)
+    envelope = F.fold((window * window)[None, :, None].expand(1, win, T), size, (1, win), stride=(1, hop)).flatten(1)
+    cut = slice(win // 2, size[1] - win // 2)
+    return y[:, cut] / envelope[:, cut]
 
 
 def _fit(x: torch.Tensor, length: int) -> torch.Tensor:

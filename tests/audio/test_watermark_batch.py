@@ -202,3 +202,35 @@ def test_batch_equals_one_piece_encodes_on_cuda() -> None:
     for p, w, g in zip(pcms, want, got):
         mark = np.abs(w - p).max()
         assert g.shape == p.shape and np.abs(g - w).max() < 0.01 * mark
+
+
+def test_istft_equals_torch_istft() -> None:
+    # silentcipher's STFT shape: a Hann window of 2048 at a quarter hop, frames of one piece.
+    win, hop = 2048, 512
+    window = torch.hann_window(win)
+    y = torch.randn(3, 4096 * 3)
+    spec = torch.stft(y, win, hop, win, window=window, return_complex=True)
+    want = torch.istft(spec, win, hop, win, window=window)
+    got = WB.istft(spec, win, hop, window)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_batch_waits_for_the_device_only_for_its_result() -> None:
+    # Under load the engine's steps go first: each wait inside a batch cost it a step or more.
+    wm = Watermarker.random(seed=1, device="cuda")
+    pcms = [noise(n, seed) for seed, n in enumerate(SIZES[:6])]
+    WB._encode_on_device(wm, pcms, 36.0)  # first use builds the resampling kernels and messages
+    torch.cuda.synchronize()
+    torch.cuda._sleep(500_000_000)  # the device busy ahead of the batch
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        marked = WB._encode_on_device(wm, pcms, 36.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not torch.cuda.current_stream().query()  # all of it queued while the device still slept
+    want = WB.encode_batch(wm, pcms, 36.0)
+    for row, w in enumerate(want):
+        np.testing.assert_allclose(marked[row, : w.size].cpu().numpy(), w, atol=1e-5)
