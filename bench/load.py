@@ -70,6 +70,16 @@ class Playback:
 @dataclass
 class Run:
     utterances: list[Utterance] = field(default_factory=list)
+    client_lag_s: list[float] = field(default_factory=list)  # this process's own event-loop lag
+
+
+async def lag_probe(run: Run, stop: float, period: float = 0.01) -> None:
+    """How late this client's event loop wakes up: arrivals it records late count as stalls
+    that are the client's, not the server's, so each level reports it beside them."""
+    while time.monotonic() < stop:
+        t = time.monotonic()
+        await asyncio.sleep(period)
+        run.client_lag_s.append(time.monotonic() - t - period)
 
 
 def headers(key: str | None) -> dict[str, str]:
@@ -160,7 +170,7 @@ async def run_level(args: argparse.Namespace, n_ws: int, n_speech: int) -> Run:
     async with httpx.AsyncClient(base_url=args.url, timeout=120, limits=limits) as c:
         tasks = [ws_client(c, args, run, stop, i) for i in range(n_ws)]
         tasks += [speech_client(c, args, run, stop, i) for i in range(n_speech)]
-        await asyncio.gather(*tasks)
+        await asyncio.gather(lag_probe(run, stop), *tasks)
     return run
 
 
@@ -362,10 +372,12 @@ async def main(args: argparse.Namespace) -> dict:
         after, seconds = await scrape(args), time.monotonic() - t0
         entry = {"clients": level, "ws": n_ws, "speech": n_speech, "all": summarize(run),
                  "ws_sessions": summarize(run, "ws"), "speech_streams": summarize(run, "speech")}
+        entry["client_lag_p99_ms"] = _ms(pct(run.client_lag_s, 99))
         entry["held"] = held(entry["all"], args)
         entry["stages"], entry["server"] = server_side(before, after, seconds)
         report["levels"].append(entry)
-        print(f"{level:>5} clients ({n_ws} ws, {n_speech} http): {json.dumps(entry['all'])} held={entry['held']}",
+        print(f"{level:>5} clients ({n_ws} ws, {n_speech} http): {json.dumps(entry['all'])} "
+              f"client lag p99 {entry['client_lag_p99_ms']} ms held={entry['held']}",
               flush=True)
         if entry["stages"]:
             print(stage_table([entry]), flush=True)

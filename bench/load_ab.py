@@ -111,7 +111,8 @@ def load_args(args: argparse.Namespace) -> list[str]:
 def side_by_side(reports: list[dict]) -> str:
     """One row per level and server: outcomes, TTFA and stall p99, what the server delivered."""
     head = (f"{'clients':>7}  {'server':<12} {'ok':>5} {'rejected':>8} {'errors':>6} {'TTFA p50':>9} {'TTFA p99':>9} "
-            f"{'stall p99':>9} {'ws stall':>9} {'http stall':>10} {'rt streams':>10} {'ms/step':>8} {'mimi':>6} {'held':>5}")
+            f"{'stall p99':>9} {'ws stall':>9} {'http stall':>10} {'rt streams':>10} {'ms/step':>8} {'mimi':>6} "
+            f"{'host':>6} {'client lag':>10} {'held':>5}")
     rows = [head]
     levels = sorted({e["clients"] for r in reports for e in r["levels"]})
     for n in levels:
@@ -125,7 +126,8 @@ def side_by_side(reports: list[dict]) -> str:
                 f"{_ms(a['ttfa_p50_ms']):>9} {_ms(a['ttfa_p99_ms']):>9} {_ms(a['stall_p99_ms']):>9} "
                 f"{_ms(e['ws_sessions']['stall_p99_ms']):>9} {_ms(e['speech_streams']['stall_p99_ms']):>10} "
                 f"{srv.get('realtime_streams', '-')!s:>10} {srv.get('ms_per_step', '-')!s:>8} "
-                f"{srv.get('codec_ms_per_step', '-')!s:>6} {e['held']!s:>5}")
+                f"{srv.get('codec_ms_per_step', '-')!s:>6} {srv.get('other_ms_per_step', '-')!s:>6} "
+                f"{_ms(e.get('client_lag_p99_ms')):>10} {e['held']!s:>5}")
     return "\n".join(rows)
 
 

@@ -29,6 +29,7 @@ async def test_load_script_reports_sessions_and_streams(live_factory):
     assert level["speech_streams"]["ok"] + level["speech_streams"]["rejected"] == level["speech_streams"]["utterances"]
     assert level["ws_sessions"]["ttfa_p99_ms"] > 0 and level["ws_sessions"]["audio_s"] > 0
     assert report["held_clients"] == 3
+    assert 0 <= level["client_lag_p99_ms"] < 60_000  # the client's own loop lag, beside its stalls
     # Server-side stage timings of the level, from /metrics (watermark off in these servers).
     stages = level["stages"]
     for name in ("engine_first_chunk", "engine_chunk_gap", "encode", "send_http", "send_ws"):
@@ -49,6 +50,7 @@ async def test_load_script_reports_sessions_and_streams(live_factory):
     ab = load_module("load_ab")
     table = ab.side_by_side([{**report, "server": "a"}, {**report, "server": "b"}]).splitlines()
     assert len(table) == 3 and table[1].split()[:3] == ["3", "a", str(level["all"]["ok"])]
+    assert table[0].split()[-3:] == ["client", "lag", "held"] and len(table[1].split()) == len(table[0].split()) - 7
 
 
 def test_load_ab_server_specs(tmp_path):
