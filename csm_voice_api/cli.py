@@ -26,22 +26,26 @@ _WIDTH = 76
 def demo_banner(engine: AsyncEngine) -> str:
     """A boxed warning that the demo model is loaded and the audio is noise."""
     reason = engine.demo_reason or f"the model was set to '{engine.model_name}'"
-    lines = [
+    paragraphs = [  # each one string: wrapping joins a sentence, never breaks it after a comma
         "!!! DEMO MODEL: THE AUDIO THIS SERVER MAKES IS RANDOM NOISE !!!",
         "",
-        "No CSM-1B weights were loaded, so a tiny randomly initialised model is",
-        "answering. Every route works and every length is real, but nothing is speech.",
+        "No CSM-1B weights were loaded, so a tiny randomly initialised model is answering. Every route "
+        "works and every length is real, but nothing is speech.",
         "",
         f"Why: {reason}",
-        "(sesame/csm-1b is a gated Hugging Face repo: it needs an accepted licence,",
-        "an HF_TOKEN and network access, or a local copy of the weights.)",
+        "",
+        "(sesame/csm-1b is a gated Hugging Face repo: it needs an accepted licence, an HF_TOKEN and "
+        "network access, or a local copy of the weights.)",
         "",
         "To get the real model:",
         "  1. accept the licence at https://huggingface.co/sesame/csm-1b",
         "  2. export HF_TOKEN=hf_...   (a token of that account), then restart; or",
         "  3. --model /path/to/local/csm-1b   (a directory with the downloaded weights)",
     ]
-    wrapped = [w for line in lines for w in (textwrap.wrap(line, _WIDTH - 4) or [""])]
+    wrapped = []
+    for text in paragraphs:
+        indent = " " * (len(text) - len(text.lstrip(" 0123456789.")))  # list items hang under their text
+        wrapped += textwrap.wrap(text, _WIDTH - 4, subsequent_indent=indent) or [""]
     bar = "#" * _WIDTH
     return "\n".join([bar, *(f"# {w:<{_WIDTH - 4}} #" for w in wrapped), bar])
 

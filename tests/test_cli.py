@@ -73,6 +73,11 @@ def test_demo_banner_is_loud_and_says_what_to_do():
     text = " ".join(lines)
     for needle in ("RANDOM NOISE", "HF_TOKEN", "huggingface.co/sesame/csm-1b", "--model /path", "no HF_TOKEN is set"):
         assert needle in text
+    # Wrapped by paragraph: a line ends early only where its paragraph (or list item) does.
+    inner = [line[2:-2].rstrip() for line in lines[1:-1]]
+    for a, b in zip(inner, inner[1:]):
+        if a and b and not re.match(r"\s*\d+\.", b):
+            assert len(a) + 1 + len(b.split()[0]) > cli._WIDTH - 4, (a, b)
 
 
 def test_serve_flags_override_environment(monkeypatch):
