@@ -15,6 +15,7 @@ import logging
 import math
 import secrets
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
@@ -26,6 +27,25 @@ from csm_voice_api.api import metrics
 from csm_voice_api.api.errors import error_response
 
 log = logging.getLogger(__name__)
+
+# Set in the connection's task when this app refused its WebSocket handshake (see below).
+_REFUSED_HANDSHAKE: ContextVar[bool] = ContextVar("csm_refused_handshake", default=False)
+_INCOMPLETE = "ASGI callable returned without completing handshake."
+
+
+class RefusedHandshakeFilter(logging.Filter):
+    """uvicorn's websockets-sansio protocol logs every handshake refused with a denial response
+    (our 401/403/429 before accept) as an incomplete handshake at ERROR, although the client got
+    the response and nothing failed (Kludex/uvicorn PR #3138, open). Alerting on ERROR would fire
+    on every bad token, so that record is dropped when this app refused the handshake itself; an
+    app that really returns without completing one still logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_REFUSED_HANDSHAKE.get() and record.getMessage() == _INCOMPLETE)
+
+
+_UVICORN_FILTER = RefusedHandshakeFilter()
+logging.getLogger("uvicorn.error").addFilter(_UVICORN_FILTER)  # one instance: adding it again is a no-op
 
 # Open to anyone for GET/HEAD: probes, docs, the web UI page, and the lists Open WebUI fetches
 # before it knows any key. Exact paths; prefixes only for the UI's static assets.
@@ -247,6 +267,7 @@ class SecurityMiddleware:
     async def _refuse_ws(scope: Scope, receive: Receive, send: Send, r: _Refusal) -> None:
         # Refused during the handshake: an HTTP status where the server supports it, else a close.
         if "websocket.http.response" in scope.get("extensions", {}):
+            _REFUSED_HANDSHAKE.set(True)  # uvicorn's task sees it after the app returns
             response = error_response(r.message, status=r.status, code=r.code, headers=r.headers())
             await send({"type": "websocket.http.response.start", "status": r.status,
                         "headers": response.raw_headers})

@@ -11,6 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from csm_voice_api.api import security
 from csm_voice_api.api.security import ApiKeys, RateLimiter, Tickets, key_id
 
 from .conftest import KEY, OTHER_KEY, bearer
@@ -173,3 +174,14 @@ def test_tickets_expire():
     t = Tickets(ttl_s=60)
     ticket = t.issue("k")
     assert t.redeem(ticket) == "k" and t.redeem(ticket) is None
+
+
+async def test_a_refused_handshake_is_not_logged_as_an_error(keyed, caplog):
+    # uvicorn logs denial responses as incomplete handshakes at ERROR (Kludex/uvicorn PR #3138).
+    caplog.set_level(logging.INFO, logger="uvicorn.error")
+    sid = keyed.open_session(headers=bearer())
+    assert await _ws_status(f"{keyed.ws_url}/v1/ws/stream-text/{sid}", additional_headers=bearer("sk-wrong")) == 401
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    # Outside a refusal the same record still passes: an app that leaves a handshake open is a bug.
+    record = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, security._INCOMPLETE, None, None)
+    assert security.RefusedHandshakeFilter().filter(record)
