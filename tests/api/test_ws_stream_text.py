@@ -8,10 +8,12 @@ import re
 
 import anyio
 import httpx
+import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from .conftest import decode
 from .test_sessions_support import (
     FRAME,
     Received,
@@ -231,8 +233,12 @@ async def test_two_sessions_with_different_voices_interleave_without_mixing(live
     sessions = live.app.state.sessions
     for sid, key in ((sid_a, "a"), (sid_b, "b")):
         assert [t.text for t in sessions.get(sid).conversation.turns] == texts[key]
-    assert a == alone  # same voice, same seed: the interleaved run changed nothing
-    assert a != b
+    # Same voice, same seed: the interleaved run changed nothing but float rounding. Watermark
+    # pieces of both sessions may share a batch, and a batch's convolutions round a piece's
+    # samples differently from a lone piece's (by an LSB or two); mixing would differ everywhere.
+    got, want, other = (decode(x, "wav").pcm for x in (a, alone, b))
+    assert len(got) == len(want) and np.abs(got - want).max() <= 4 / 32768
+    assert np.abs(got[: len(other)] - other[: len(got)]).max() > 0.1
 
 
 async def test_a_pause_in_the_text_speaks_what_is_buffered(engine, tmp_path):
