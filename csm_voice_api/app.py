@@ -13,7 +13,13 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from csm_voice_api.api import errors, forms, metrics, security
-from csm_voice_api.api.admission import DEFAULT_GPU_STEP_LIMIT_MS, Admission, AdmissionMiddleware, RealtimeLimit
+from csm_voice_api.api.admission import (
+    DEFAULT_GPU_STALL_LIMIT_MS,
+    DEFAULT_GPU_STEP_LIMIT_MS,
+    Admission,
+    AdmissionMiddleware,
+    RealtimeLimit,
+)
 from csm_voice_api.api.audio_files import OutputStore
 from csm_voice_api.api.audio_out import WatermarkScope
 from csm_voice_api.api.voices import open_voice_service
@@ -90,7 +96,8 @@ def build_app(
     app.state.limits = settings.limits()
     app.state.security = security.build_policy(settings)
     app.state.admission = Admission(lambda: settings.max_inflight or _slots(app), settings.send_timeout_s,
-                                    RealtimeLimit(lambda: _engine_stats(app), lambda: _step_limit_ms(app, settings)))
+                                    RealtimeLimit(lambda: _engine_stats(app), lambda: _step_limit_ms(app, settings),
+                                                  lambda: _stall_limit_ms(app, settings)))
     errors.install(app)
     for name in (*PUBLIC_ROUTERS, *API_ROUTERS):
         app.include_router(importlib.import_module(name).router)
@@ -121,11 +128,20 @@ def _engine_stats(app: FastAPI) -> dict:
 
 
 def _step_limit_ms(app: FastAPI, settings: Settings) -> float:
-    if settings.realtime_step_ms is not None:
-        return settings.realtime_step_ms
+    return _on_gpu_default(app, settings.realtime_step_ms, DEFAULT_GPU_STEP_LIMIT_MS)
+
+
+def _stall_limit_ms(app: FastAPI, settings: Settings) -> float:
+    return _on_gpu_default(app, settings.realtime_stall_ms, DEFAULT_GPU_STALL_LIMIT_MS)
+
+
+def _on_gpu_default(app: FastAPI, value: float | None, gpu_default: float) -> float:
+    """A real-time limit: as set, else `gpu_default` when the engine runs on a GPU and off (0) on CPU."""
+    if value is not None:
+        return value
     engine = getattr(app.state, "engine", None)
     on_gpu = engine is not None and getattr(engine.device, "type", "cpu") == "cuda"
-    return DEFAULT_GPU_STEP_LIMIT_MS if on_gpu else 0.0
+    return gpu_default if on_gpu else 0.0
 
 
 async def _start_engine(settings: Settings) -> AsyncEngine:

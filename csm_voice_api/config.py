@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     # 80 ms frame of every stream, so 80 is real time, and below it streams have headroom. Unset:
     # 35 on a GPU, off on CPU (the demo model); 0 turns it off.
     realtime_step_ms: float | None = Field(None, ge=0)
+    # Refuse new generations (429) while a stream accepted earlier stalled longer than this within
+    # the last 5 s, in ms (its listener, playing in real time, waited that long for audio; a client
+    # reading slowly does not count). Unset: 200 on a GPU (the stall p99 bench/load.py holds a level
+    # to), off on CPU (the demo model); 0 turns it off.
+    realtime_stall_ms: float | None = Field(None, ge=0)
     # Seconds a client may leave a response or socket unread before it is dropped and its slot freed.
     send_timeout_s: float = Field(30.0, gt=0)
     # Largest WebSocket message accepted, in bytes; larger messages close the socket with 1009.

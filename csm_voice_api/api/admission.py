@@ -14,7 +14,10 @@ generating stream one 80 ms frame, so while recent steps take longer than the li
 GPU by default: streams at 2.3x real time, headroom for the watermark's growing pieces and for the
 jitter of a busy host; on an H200, 32 mixed clients ran at 23 ms per step within a 0.2 s stall
 p99: BENCHMARKS.md), one more stream would slow all of them, and new generations get 429 until
-steps are fast again. Streams already accepted go on, and so do the later phrases of an open
+steps are fast again. And while a stream accepted earlier stalled lately (its listener waited
+longer than 200 ms for audio within the last 5 s, api/playout.py: what the listener hears, so it
+also catches the watermark or the event loop falling behind, which the step time does not see),
+new generations get 429 too. Streams already accepted go on, and so do the later phrases of an open
 WebSocket session: refusing one mid-conversation would lose it (making them wait for headroom
 was measured worse: a second segment of a turn then stalls).
 
@@ -42,6 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from csm_voice_api.api import metrics
 from csm_voice_api.api.errors import csm_error_response, error_response
+from csm_voice_api.api.playout import RECENT, RecentStalls
 from csm_voice_api.engine.types import FRAME_MS
 from csm_voice_api.errors import Overloaded
 
@@ -53,6 +57,7 @@ EXEMPT_POSTS = ("/v1/ws-ticket", "/v1/queue/")
 CLOSE_GOING_AWAY = 1001
 RETRY_AFTER_S = 1.0
 DEFAULT_GPU_STEP_LIMIT_MS = 35.0  # CSM_REALTIME_STEP_MS unset on a GPU (off on CPU: a demo, not real time)
+DEFAULT_GPU_STALL_LIMIT_MS = 200.0  # CSM_REALTIME_STALL_MS unset on a GPU: the stall p99 bench/load.py holds to
 
 
 class SendTimeout(OSError):
@@ -64,13 +69,21 @@ def is_generation(scope: Scope) -> bool:
 
 
 class RealtimeLimit:
-    """Whether the engine's streams have real-time headroom for one more, from its own step time."""
+    """Whether the streams have real-time headroom for one more: from the engine's step time (a
+    step is one frame of every stream), and from what listeners heard (a stream accepted earlier
+    stalled lately: api/playout.py), which also catches the watermark or the event loop falling behind."""
 
-    def __init__(self, stats: Callable[[], dict], limit_ms: Callable[[], float]):
+    def __init__(self, stats: Callable[[], dict], limit_ms: Callable[[], float],
+                 stall_limit_ms: Callable[[], float] = lambda: 0.0, stalls: RecentStalls = RECENT):
         self.stats = stats  # the engine's stats(): "active" streams and "step_ms", its recent step period
         self.limit_ms = limit_ms  # 0: no limit
+        self.stall_limit_ms = stall_limit_ms  # 0: no limit
+        self.stalls = stalls
 
     def refusal(self) -> Overloaded | None:
+        return self._step_refusal() or self._stall_refusal()
+
+    def _step_refusal(self) -> Overloaded | None:
         limit = self.limit_ms()
         if limit <= 0:
             return None
@@ -78,12 +91,28 @@ class RealtimeLimit:
         step = s.get("step_ms")
         if not s.get("active") or step is None or step <= limit:
             return None
-        exc = Overloaded(
+        return _realtime_limit(
             f"The server is at its real-time limit: a decode step takes {step:.0f} ms for its {s['active']} "
             f"streams (limit {limit:.0f} ms; one step is one {FRAME_MS:.0f} ms frame of each), so another "
-            "stream would slow them all. Retry after the time in Retry-After.", retry_after=RETRY_AFTER_S)
-        exc.code = "realtime_limit"
-        return exc
+            "stream would slow them all. Retry after the time in Retry-After.")
+
+    def _stall_refusal(self) -> Overloaded | None:
+        limit = self.stall_limit_ms()
+        if limit <= 0:
+            return None
+        worst = 1e3 * self.stalls.worst()
+        if worst <= limit:
+            return None
+        return _realtime_limit(
+            f"The server is behind real time: a stream's listener waited {worst:.0f} ms for audio within the "
+            f"last {self.stalls.window_s:.0f} s (limit {limit:.0f} ms), so new streams wait until the ones "
+            "running keep up. Retry after the time in Retry-After.")
+
+
+def _realtime_limit(message: str) -> Overloaded:
+    exc = Overloaded(message, retry_after=RETRY_AFTER_S)
+    exc.code = "realtime_limit"
+    return exc
 
 
 class Admission:

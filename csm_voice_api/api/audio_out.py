@@ -34,6 +34,7 @@ import numpy as np
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from csm_voice_api.api import metrics
+from csm_voice_api.api.playout import RECENT, Playout
 
 if TYPE_CHECKING:
     from csm_voice_api.audio.watermark import StreamWatermarker, Watermarker
@@ -138,12 +139,26 @@ class WatermarkScope:
 
 
 async def watermarked(pcms: AsyncIterator[np.ndarray], wm: StreamWatermarker | None) -> AsyncIterator[np.ndarray]:
-    """`pcms` watermarked (same total length), flushed when `pcms` ends.
+    """`pcms` watermarked (same total length), flushed when `pcms` ends; one response's audio, or
+    one phrase's on a WebSocket: it is played back against a listener (api/playout.py), and audio
+    ready late counts as a stall.
 
     If the consumer stops early or `pcms` fails, audio not yet handed out is dropped, so the
     stream goes on from what was returned. silentcipher blocks for milliseconds (GPU) to a good
     part of a second (CPU): it runs on the app's watermark workers, never on the event loop.
     """
+    playout = Playout()
+    async with aclosing(_watermarked(pcms, wm)) as pieces:
+        async for out in pieces:
+            stall = playout.ready(out.size)
+            if stall > 0:
+                RECENT.record(stall)
+            handed = time.perf_counter()
+            yield out
+            playout.handed_over(time.perf_counter() - handed)
+
+
+async def _watermarked(pcms: AsyncIterator[np.ndarray], wm: StreamWatermarker | None) -> AsyncIterator[np.ndarray]:
     if wm is None:
         async with aclosing(pcms) as source:  # type: ignore[type-var]
             async for pcm in source:

@@ -44,6 +44,14 @@ TTFA = Histogram(
     registry=REGISTRY,
 )
 
+STREAM_STALLS = Histogram(
+    "csm_stream_stall_seconds",
+    "Gaps a listener playing a stream in real time heard: audio the server had ready late, per gap "
+    "(api/playout.py; a client's own slow reading is not counted).",
+    buckets=(0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0),
+    registry=REGISTRY,
+)
+
 
 STAGES = (
     "engine_first_chunk", "engine_chunk_gap", "engine_wait", "watermark_wait", "watermark_compute",

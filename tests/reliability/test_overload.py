@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+from contextlib import aclosing
 
 import anyio
 import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from csm_voice_api.api import audio_out
 from csm_voice_api.api.admission import RETRY_AFTER_S, RealtimeLimit, is_generation
+from csm_voice_api.api.playout import RECENT, RecentStalls
 
+from ..api.test_playout import Clock
 from .conftest import engine_idle, eventually, serve
 
 LONG = ("This sentence is long enough to keep the engine busy for a good while, and then some more. " * 3).strip()
@@ -116,6 +121,86 @@ async def test_without_realtime_headroom_new_generations_wait_and_accepted_ones_
                        timeout=60)
         assert r.status_code == 200
         assert rejections(live.url, "realtime_limit") == before + 1
+
+
+def test_stall_limit_policy():
+    clock = Clock()
+    stalls = RecentStalls(5.0, clock)
+    limit = RealtimeLimit(lambda: {"active": 1, "step_ms": 10.0}, lambda: 35.0, lambda: 200.0, stalls)
+    assert limit.refusal() is None
+    stalls.record(0.15)
+    assert limit.refusal() is None  # within the limit
+    stalls.record(0.3)
+    exc = limit.refusal()
+    assert exc is not None and exc.code == "realtime_limit" and exc.retry_after == RETRY_AFTER_S
+    assert "waited 300 ms" in exc.message and "behind real time" in exc.message
+    clock.t = 5.1
+    assert limit.refusal() is None  # the window passed: new streams are admitted again
+    stalls.record(0.3)
+    assert RealtimeLimit(lambda: {}, lambda: 0.0, lambda: 0.0, stalls).refusal() is None  # 0: off
+
+
+async def test_while_accepted_streams_stall_new_generations_wait(engine, tmp_path, monkeypatch):
+    # A producer that falls behind real time (as a busy watermark does): its stream's listener
+    # waits for the third piece (0.8 s late, less what it had buffered). The next generation is
+    # refused until the window passes.
+    real = audio_out._watermarked
+
+    async def late(pcms, wm):
+        n = 0
+        async with aclosing(real(pcms, wm)) as pieces:
+            async for piece in pieces:
+                n += 1
+                if n == 3:
+                    await anyio.sleep(0.8)
+                yield piece
+
+    monkeypatch.setattr(audio_out, "_watermarked", late)
+    RECENT.clear()
+    with serve(engine, tmp_path, realtime_stall_ms=200, watermark=False) as live:
+        before = rejections(live.url, "realtime_limit")
+        body = {**STREAM, "max_audio_length_ms": 1200, "stream": True}
+        r = httpx.post(live.url + "/v1/audio/speech", json=body, timeout=60)
+        assert r.status_code == 200 and RECENT.worst() >= 0.4
+        assert stall_count(live.url) >= 1
+        r = httpx.post(live.url + "/v1/audio/speech", json=body, timeout=60)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        err = r.json()["error"]
+        assert err["code"] == "realtime_limit" and "behind real time" in err["message"]
+        assert rejections(live.url, "realtime_limit") == before + 1
+        RECENT.clear()  # as 5 s without stalls would
+        monkeypatch.setattr(audio_out, "_watermarked", real)
+        assert httpx.post(live.url + "/v1/audio/speech", json=body, timeout=60).status_code == 200
+        assert RECENT.worst() == 0
+
+
+async def test_a_client_that_reads_slowly_is_not_a_stall(engine, tmp_path):
+    # The client reads 3 s of audio (144 kB) at a quarter of real time through small socket
+    # buffers: once the transport's 64 kB buffer is full the server waits on it, for longer than
+    # the audio it sent ahead lasts. That delay is the client's own, not the server's.
+    RECENT.clear()
+    with serve(engine, tmp_path, sndbuf=4096, realtime_stall_ms=200, watermark=False) as live:
+        body = {**STREAM, "max_audio_length_ms": 3000, "stream": True}
+        s = _never_reading_socket(live.url, _speech_request(body))
+        try:
+            received, started = b"", time.monotonic()
+            while not received.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end
+                data = await anyio.to_thread.run_sync(s.recv, 1200)
+                assert data and time.monotonic() - started < 60
+                received += data
+                await anyio.sleep(0.1)  # 12 kB/s against 48 kB/s of audio
+        finally:
+            s.close()
+        assert len(received) > 140_000 and RECENT.worst() < 0.1
+        assert httpx.post(live.url + "/v1/audio/speech", json={**STREAM, "max_audio_length_ms": 240},
+                          timeout=60).status_code == 200
+
+
+def stall_count(url: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("csm_stream_stall_seconds_count"):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def test_realtime_limit_policy():
