@@ -211,6 +211,7 @@ def held(summary: dict, args: argparse.Namespace) -> bool:
 # ---- server-side stage timings (/metrics) ------------------------------------------------------
 
 STAGE_METRIC = "csm_stage_seconds"
+STALL_METRIC = "csm_stream_stall_seconds"  # servers before it lack the row
 FRAME_S = 0.08
 _SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -248,11 +249,13 @@ def parse_metrics(text: str) -> Scrape:
             out.engine[ENGINE_COUNTERS[name]] = value
         if name == "csm_engine_thread_seconds_total":
             out.engine[dict(_LABEL.findall(m["labels"] or "")).get("part", "") + "_s"] = value
-        if not name.startswith(STAGE_METRIC + "_"):
-            continue
         labels = dict(_LABEL.findall(m["labels"] or ""))
-        hist = out.stages.setdefault(labels.get("stage", ""), Histogram())
-        suffix = name[len(STAGE_METRIC) + 1 :]
+        if name.startswith(STAGE_METRIC + "_"):
+            hist, suffix = out.stages.setdefault(labels.get("stage", ""), Histogram()), name[len(STAGE_METRIC) + 1 :]
+        elif name.startswith(STALL_METRIC + "_"):  # the gaps listeners heard, server side: a row of its own
+            hist, suffix = out.stages.setdefault("stream_stall", Histogram()), name[len(STALL_METRIC) + 1 :]
+        else:
+            continue
         if suffix == "bucket":
             hist.buckets[float(labels["le"])] = value  # "+Inf" parses as inf
         elif suffix == "count":

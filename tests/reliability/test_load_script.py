@@ -87,3 +87,9 @@ def test_stage_deltas_from_two_scrapes():
     cum = [(0.01, 1.0), (10.0, 1.0), (float("inf"), 2.0)]
     assert load.bucket_quantile(0.99, cum) == 10.0  # in the +Inf bucket: the largest finite bound
     assert load.bucket_quantile(0.5, []) is None
+    # The server's own count of the gaps listeners heard (csm_stream_stall_seconds) is a row too.
+    stalls = Histogram("csm_stream_stall_seconds", "test", buckets=(0.1, 0.5, 1.0), registry=reg)
+    before = load.parse_metrics(generate_latest(reg).decode())
+    stalls.observe(0.3)
+    got = load.stage_deltas(before, load.parse_metrics(generate_latest(reg).decode()))["stream_stall"]
+    assert got["count"] == 1 and got["mean_ms"] == 300.0
