@@ -21,6 +21,7 @@ import numpy as np
 from fastapi import APIRouter, FastAPI
 
 from csm_voice_api.api.audio_out import ResponseWatermark
+from csm_voice_api.api.playout import RECENT
 from csm_voice_api.api.speech_job import SpeechJob
 from csm_voice_api.api.voice_resolver import VoiceContext, resolve_named_voice
 from csm_voice_api.config import Settings
@@ -94,9 +95,13 @@ async def warm_up(app: FastAPI) -> None:
     job = SpeechJob(engine, voice, [WARMUP_TEXT], sampling=sampling, fmt=WARMUP_FORMAT,
                     chunk_frames=settings.chunk_frames, route="warmup",
                     watermark=None if watermark is None else watermark.stream())  # fmt: skip
-    async with aclosing(job.run()) as chunks:
-        async for _ in chunks:
-            pass
+    try:
+        async with aclosing(job.run()) as chunks:
+            async for _ in chunks:
+                pass
+    finally:
+        # Its gaps are first-use costs nobody heard: they must not hold back the first requests.
+        RECENT.clear()
 
 
 def _noise(seconds: float) -> np.ndarray:

@@ -9,6 +9,7 @@ import anyio
 import httpx
 
 from csm_voice_api.api import metrics, warmup
+from csm_voice_api.api.playout import RECENT
 from csm_voice_api.app import build_app
 
 from .test_metrics import stage_counts
@@ -33,6 +34,7 @@ async def test_ready_waits_for_the_warmup_which_leaves_nothing_behind(settings_f
 
     async def gated(app) -> None:  # noqa: ANN001
         await gate.wait()
+        RECENT.record(1.0)  # as a cold first utterance's gap would be
         await real(app)
 
     monkeypatch.setattr(warmup, "warm_up", gated)
@@ -53,6 +55,7 @@ async def test_ready_waits_for_the_warmup_which_leaves_nothing_behind(settings_f
             stats = engine.stats()
             assert (stats["active"], stats["queued"], stats["free_slots"]) == (0, 0, stats["slots"])
             assert app.state.admission.inflight == 0 and len(app.state.sessions) == 0
+            assert RECENT.worst() == 0  # its gaps hold no request back (CSM_REALTIME_STALL_MS)
     assert warmup_ttfa_count() == ttfa + 1  # one utterance, under its own route label
     after = stage_counts(metrics.render().decode())
     # One piece alone, then the utterance's own pieces, encoded as mp3.
