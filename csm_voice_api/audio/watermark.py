@@ -298,11 +298,7 @@ class Watermarker:
             symbols = [int(bits[i : i + 2], 2) for i in range(0, len(bits), 2)]
             msgs, _ = self.model.letters_encoding(frames, [symbols])
             with torch.no_grad():
-                msg = torch.from_numpy(msgs[None]).float()
-                if torch.device(device).type == "cuda":  # pinned: the copy does not wait for the device
-                    msg = msg.pin_memory().to(device, non_blocking=True)
-                else:
-                    msg = msg.to(device)
+                msg = to_device(torch.from_numpy(msgs[None]).float(), device)
                 cached = self.model.enc_c.transform_message(msg)
             self._messages[(frames, str(device))] = cached
         return cached
@@ -611,6 +607,14 @@ class StreamWatermarker:
         self._buf = self._buf[keep_from - self._buf_start :]
         self._buf_start = keep_from
         return out
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device`; on CUDA through pinned memory, so the copy is queued and does not
+    wait for the work already on the device (a pageable copy waits for all of it)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def verify_file(

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio.transforms as AT
 
-from csm_voice_api.audio.watermark import MESSAGE_SDR_DB, WATERMARK_SR, Watermarker
+from csm_voice_api.audio.watermark import MESSAGE_SDR_DB, WATERMARK_SR, Watermarker, to_device
 from csm_voice_api.engine.types import SAMPLE_RATE
 
 
@@ -102,7 +102,7 @@ def _encode_on_device(wm: Watermarker, pcms: list[np.ndarray], message_sdr: floa
     for row, n in enumerate(n44):
         groups.setdefault(padded_length(n, win), []).append(row)
     for length, rows in groups.items():
-        idx, lens = _upload([rows, [n44[r] for r in rows]], device)
+        idx, lens = to_device(torch.tensor([rows, [n44[r] for r in rows]]), device)
         # Resampling leaks a filter tail past each piece's end: the mask cuts it, as encode_wav
         # resamples the piece alone and pads it with zeros.
         mask = torch.arange(length, device=device) < lens[:, None]
@@ -112,14 +112,6 @@ def _encode_on_device(wm: Watermarker, pcms: list[np.ndarray], message_sdr: floa
         out = out * torch.sqrt(power / model.average_energy_VCTK) * mask
         marked.index_copy_(0, idx, _fit(out, marked.shape[1]))
     return _resampler(WATERMARK_SR, SAMPLE_RATE, device)(marked)
-
-
-def _upload(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Equal-length int lists as one int64 tensor on `device`, without waiting for it (pinned)."""
-    host = torch.tensor(rows, dtype=torch.long)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 _RESAMPLERS: dict[tuple[int, int, str], AT.Resample] = {}
